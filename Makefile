@@ -1,0 +1,65 @@
+# pyvirtiofsd: the two commands a newcomer needs are `make run` and `make test`.
+# Every target installs what is missing first (system packages, virtualenv).
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+export PYVIRTIOFSD_BUILD_DIR ?= $(CURDIR)/build
+
+# `make run` options: SHARE=dir[:tag] (repeatable with spaces), BACKEND=, CMD=
+SHARE      ?= $(CURDIR):src
+BACKEND    ?=
+CMD        ?=
+RUN_ARGS   ?=
+
+PYTEST     := $(PY) -m pytest
+
+.PHONY: all deps system-deps venv guest run test unit-test vm-test lint clean distclean
+
+all: deps guest
+
+deps: system-deps venv
+
+system-deps:
+	@scripts/install-system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py dma/build_core.py $(wildcard dma/src/*.c dma/src/*.h) | system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing pyvirtiofsd and its Python dependencies into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# Build (or find cached) guest kernel and initramfs.
+guest: deps
+	@$(PY) -m pyvirtiofsd.vm.cli build
+
+# Boot the dev guest with SHARE mounted under /mnt/<tag>. Interactive shell when
+# stdin is a terminal; otherwise runs CMD (or a smoke command) and exits.
+run: deps
+	@$(PY) -m pyvirtiofsd.vm.cli run $(foreach s,$(SHARE),--share $(s)) \
+		$(if $(BACKEND),--backend $(BACKEND)) $(if $(CMD),--cmd "$(CMD)") $(RUN_ARGS)
+
+# Every test, VM tests included. A run that collects nothing fails (pytest exit 5).
+test: deps guest
+	$(PYTEST) tests
+
+unit-test: deps
+	$(PYTEST) -m "not vm" tests
+
+vm-test: deps guest
+	$(PYTEST) -m vm tests
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy daemon dma vm
+
+clean:
+	rm -rf build/runs build/initramfs .pytest_cache
+
+distclean: clean
+	rm -rf build $(VENV) dma/_core*.so

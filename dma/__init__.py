@@ -1,0 +1,1 @@
+"""C core of the device: guest memory, swiotlb windows, virtqueues (cffi)."""

@@ -1,0 +1,35 @@
+"""Fixtures for tests that boot a real QEMU guest (TCG; KVM where it works)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyvirtiofsd.vm.initramfs import build_initramfs
+from pyvirtiofsd.vm.kernel import build_kernel
+from pyvirtiofsd.vm.process import children_of
+
+
+@pytest.fixture(scope="session", autouse=True)
+def guest_image() -> None:
+    """Build (or find cached) kernel and initramfs once, before any boot."""
+    build_kernel()
+    build_initramfs()
+
+
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    """Assert the test left no child process of the test runner behind."""
+    before = set(children_of(os.getpid()))
+    yield
+    leftover = set(children_of(os.getpid())) - before
+    assert not leftover, f"processes left behind: {sorted(leftover)}"
+
+
+@pytest.fixture
+def share_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "share"
+    d.mkdir()
+    return d

@@ -1,0 +1,238 @@
+"""Boot and control one test guest: QEMU, its QMP monitor, its agent, its shares.
+
+Use it as a context manager; leaving the block (normally, by an exception or
+by Ctrl-C) quits QEMU, stops every backend daemon and reaps them all::
+
+    with Machine(MachineConfig(shares=[Share(Path("/srv/x"), "x")])) as vm:
+        print(vm.agent.run("ls /mnt/x", check=True).text)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .accel import choose_accel
+from .agent import AgentError, GuestAgent
+from .initramfs import ExtraFile, build_initramfs
+from .kernel import build_kernel
+from .paths import build_dir
+from .process import ChildProcess
+from .qemu import QEMU_BINARY, MachineSpec, NinePShare, VhostUserFsDevice, qemu_command
+from .shares import FsDaemon, Share, ninep_device, vhost_user_device
+
+log = logging.getLogger("pyvirtiofsd.vm")
+
+
+class MachineError(RuntimeError):
+    """The guest could not be started or controlled."""
+
+
+@dataclass
+class MachineConfig:
+    shares: Sequence[Share] = ()
+    memory_mib: int = 1024
+    cpus: int = 2
+    accel: str = "auto"
+    kernel_args: Sequence[str] = ()
+    extra_files: Sequence[ExtraFile] = ()
+    boot_timeout: float = 120.0
+    interactive: bool = False
+    mount_shares: bool = True
+    qemu: str = QEMU_BINARY
+    extra_qemu_args: Sequence[str] = field(default_factory=tuple)
+
+
+class Machine:
+    """A running test guest. Not thread-safe."""
+
+    def __init__(self, config: MachineConfig, name: str = "guest") -> None:
+        self.config = config
+        self.name = name
+        self.log_dir = build_dir() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Socket paths must stay short (108 bytes), so they live in /tmp.
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="pva-"))
+        self.console_log = self.log_dir / "console.log"
+        self.qemu_proc: ChildProcess | None = None
+        self.daemons: list[FsDaemon] = []
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._agent: GuestAgent | None = None
+        self.accel: str | None = None
+        self.boot_seconds: float | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def __enter__(self) -> Machine:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def agent(self) -> GuestAgent:
+        if self._agent is None:
+            raise MachineError("the guest is not running")
+        return self._agent
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self._qmp is None:
+            raise MachineError("the guest is not running")
+        return self._qmp
+
+    def pids(self) -> list[int]:
+        """PIDs of every process this machine started (QEMU and daemons)."""
+        pids = [d.process.pid for d in self.daemons]
+        if self.qemu_proc is not None:
+            pids.append(self.qemu_proc.pid)
+        return pids
+
+    def start(self) -> None:
+        cfg = self.config
+        kernel = build_kernel()
+        initrd = build_initramfs(cfg.extra_files)
+        self.accel = choose_accel(cfg.accel, kernel.bzimage)
+        if shutil.which(cfg.qemu) is None:
+            raise MachineError(f"{cfg.qemu} not found: install qemu-system-x86 (run `make deps`)")
+
+        fs_devices: list[VhostUserFsDevice] = []
+        ninep: list[NinePShare] = []
+        for i, share in enumerate(cfg.shares):
+            dev_id = f"fs{i}"
+            if share.backend == "9p":
+                ninep.append(ninep_device(share, dev_id))
+            else:
+                daemon = FsDaemon(share, dev_id, self._sock_dir, self.log_dir)
+                self.daemons.append(daemon)
+                fs_devices.append(vhost_user_device(share, dev_id, daemon.socket_path))
+
+        qmp_path = self._sock_dir / "qmp.sock"
+        agent_path = self._sock_dir / "agent.sock"
+        self._qmp = QEMUMonitorProtocol(str(qmp_path), server=True)
+        agent_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            agent_listener.bind(str(agent_path))
+            agent_listener.listen(1)
+            spec = MachineSpec(
+                kernel=kernel.bzimage,
+                initrd=initrd,
+                qmp_socket=qmp_path,
+                agent_socket=agent_path,
+                console_log=self.console_log,
+                memory_mib=cfg.memory_mib,
+                cpus=cfg.cpus,
+                accel=self.accel,
+                kernel_args=tuple(cfg.kernel_args),
+                fs_devices=tuple(fs_devices),
+                ninep_shares=tuple(ninep),
+                interactive=cfg.interactive,
+                extra_args=tuple(cfg.extra_qemu_args),
+            )
+            argv = qemu_command(spec, cfg.qemu)
+            (self.log_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+            started = time.monotonic()
+            self.qemu_proc = ChildProcess(
+                "qemu", argv, self.log_dir / "qemu.log", interactive=cfg.interactive
+            )
+            try:
+                self._qmp.accept(timeout=30)
+            except Exception as e:
+                raise self._boot_failure(f"QEMU did not connect to QMP: {e}") from e
+            agent_listener.settimeout(30)
+            try:
+                conn, _ = agent_listener.accept()
+            except OSError as e:
+                raise self._boot_failure(f"QEMU did not connect the agent channel: {e}") from e
+        finally:
+            agent_listener.close()
+        conn.settimeout(None)
+        self._agent = GuestAgent(conn)
+        try:
+            release = self._agent.wait_ready(cfg.boot_timeout)
+        except AgentError as e:
+            raise self._boot_failure(f"guest agent not ready: {e}") from e
+        self.boot_seconds = time.monotonic() - started
+        log.info("guest up (kernel %s, %s) in %.1f s", release, self.accel, self.boot_seconds)
+        if cfg.mount_shares:
+            for share in cfg.shares:
+                self.mount(share)
+
+    def _boot_failure(self, msg: str) -> MachineError:
+        details = [msg]
+        if self.qemu_proc is not None and not self.qemu_proc.alive():
+            details.append(f"QEMU exited with {self.qemu_proc.returncode()}:")
+            details.append(self.qemu_proc.log_tail())
+        for d in self.daemons:
+            if not d.process.alive():
+                details.append(f"{d.process.name} exited with {d.process.returncode()}:")
+                details.append(d.process.log_tail())
+        try:
+            tail = self.console_log.read_text(errors="replace").splitlines()[-25:]
+            details.append("console:\n" + "\n".join(tail))
+        except OSError:
+            pass
+        return MachineError("\n".join(details))
+
+    def mount(self, share: Share) -> None:
+        r = self.agent.run(share.mount_command(), timeout=60)
+        if r.status != 0:
+            raise MachineError(
+                f"mounting {share.tag} ({share.backend}) failed: "
+                f"{(r.stderr or r.stdout).decode(errors='replace').strip()}"
+            )
+
+    def qmp_command(self, name: str, **args: Any) -> Any:
+        """Run a QMP command; returns its ``return`` value, raises on error."""
+        return self.qmp.cmd(name, **args)
+
+    def status(self) -> str:
+        reply = self.qmp_command("query-status")
+        return str(reply["status"])
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Quit QEMU, stop every daemon, reap everything. Idempotent."""
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self.qemu_proc is not None and self.qemu_proc.alive() and self._qmp is not None:
+            try:
+                self._qmp.settimeout(5)
+                self._qmp.cmd("quit")
+            except Exception as e:  # QEMU may already be going away
+                log.debug("QMP quit failed: %s", e)
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception as e:
+                log.debug("closing QMP: %s", e)
+            self._qmp = None
+        if self.qemu_proc is not None:
+            if self.qemu_proc.wait(timeout) is None:
+                log.warning("QEMU did not quit within %.0f s; killing it", timeout)
+            self.qemu_proc.stop(grace=2)
+        for d in self.daemons:
+            # A vhost-user backend exits by itself when QEMU disconnects.
+            if d.process.wait(timeout) is None:
+                log.warning("%s still running after QEMU quit; stopping it", d.process.name)
+            d.stop(grace=2)
+        shutil.rmtree(self._sock_dir, ignore_errors=True)

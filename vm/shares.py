@@ -1,0 +1,148 @@
+"""Shares offered to the guest and the device backends that serve them.
+
+A share is a host directory with a tag, served by one of:
+
+- ``pyvirtiofsd`` — this project's device (vhost-user-fs);
+- ``virtiofsd`` — the reference C daemon shipped with QEMU 7.2
+  (``/usr/lib/qemu/virtiofsd``);
+- ``9p`` — QEMU's built-in virtio-9p, the baseline peer.
+
+The harness creates each vhost-user listening socket itself and hands the
+bound fd to the backend (``--fd``), so QEMU can connect the moment it starts:
+no waiting for a socket file, no race.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .process import ChildProcess
+from .qemu import NinePShare, VhostUserFsDevice
+
+C_VIRTIOFSD = Path(os.environ.get("PYVIRTIOFSD_C_VIRTIOFSD", "/usr/lib/qemu/virtiofsd"))
+BACKENDS = ("pyvirtiofsd", "virtiofsd", "9p")
+#: The backend shares use unless told otherwise.
+DEFAULT_BACKEND = os.environ.get("PYVIRTIOFSD_BACKEND", "virtiofsd")
+
+
+@dataclass(frozen=True)
+class Share:
+    """One host directory offered to the guest."""
+
+    host_dir: Path
+    tag: str
+    backend: str = DEFAULT_BACKEND
+    iommu_platform: bool = False
+    num_request_queues: int = 1
+    queue_size: int = 1024
+    addr: int | None = None
+    readonly: bool = False
+    daemon_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if not self.tag or len(self.tag.encode()) > 36 or "/" in self.tag or "," in self.tag:
+            raise ValueError(f"bad share tag {self.tag!r} (1-36 bytes, no '/' or ',')")
+
+    @property
+    def guest_mountpoint(self) -> str:
+        return f"/mnt/{self.tag}"
+
+    def mount_command(self) -> str:
+        mp = self.guest_mountpoint
+        if self.backend == "9p":
+            opts = "trans=virtio,version=9p2000.L,msize=262144,cache=none"
+            return f"mkdir -p {mp} && mount -t 9p -o {opts} {self.tag} {mp}"
+        ro = " -o ro" if self.readonly else ""
+        return f"mkdir -p {mp} && mount -t virtiofs{ro} {self.tag} {mp}"
+
+    @staticmethod
+    def parse(text: str, **kwargs: object) -> Share:
+        """Parse the CLI form ``HOST_DIR[:TAG]`` (tag defaults to the dir's name)."""
+        path, _, tag = text.partition(":")
+        p = Path(path).resolve()
+        return Share(host_dir=p, tag=tag or p.name or "share", **kwargs)  # type: ignore[arg-type]
+
+
+def daemon_argv(share: Share, fd: int) -> list[str]:
+    """The backend's command line, given the inherited listening socket ``fd``."""
+    if share.backend == "virtiofsd":
+        argv = [
+            str(C_VIRTIOFSD),
+            f"--fd={fd}",
+            "-o",
+            f"source={share.host_dir}",
+            "-o",
+            "sandbox=chroot",  # namespaces need privileges containers lack
+            "-o",
+            "cache=auto",
+        ]
+        if share.readonly:
+            raise ValueError("the C virtiofsd of QEMU 7.2 has no read-only mode")
+        return [*argv, *share.daemon_args]
+    if share.backend == "pyvirtiofsd":
+        argv = [
+            sys.executable,
+            "-m",
+            "pyvirtiofsd.daemon",
+            "--fd",
+            str(fd),
+            "--shared-dir",
+            str(share.host_dir),
+        ]
+        if share.readonly:
+            argv.append("--readonly")
+        return [*argv, *share.daemon_args]
+    raise ValueError(f"backend {share.backend} has no daemon")
+
+
+class FsDaemon:
+    """A running vhost-user-fs backend serving one share."""
+
+    def __init__(self, share: Share, device_id: str, run_dir: Path, log_dir: Path) -> None:
+        self.share = share
+        self.socket_path = run_dir / f"{device_id}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.socket_path))
+            listener.listen(1)
+            argv = daemon_argv(share, listener.fileno())
+            self.process = ChildProcess(
+                f"{share.backend}[{share.tag}]",
+                argv,
+                log_dir / f"{device_id}-{share.backend}.log",
+                pass_fds=[listener.fileno()],
+            )
+        finally:
+            listener.close()  # the daemon holds its own copy now
+
+    def stop(self, grace: float = 5.0) -> int:
+        return self.process.stop(grace)
+
+
+def ninep_device(share: Share, device_id: str) -> NinePShare:
+    return NinePShare(
+        id=device_id,
+        path=share.host_dir,
+        tag=share.tag,
+        addr=share.addr,
+        iommu_platform=share.iommu_platform,
+        readonly=share.readonly,
+    )
+
+
+def vhost_user_device(share: Share, device_id: str, socket_path: Path) -> VhostUserFsDevice:
+    return VhostUserFsDevice(
+        id=device_id,
+        socket=socket_path,
+        tag=share.tag,
+        addr=share.addr,
+        iommu_platform=share.iommu_platform,
+        num_request_queues=share.num_request_queues,
+        queue_size=share.queue_size,
+    )
