@@ -1,1 +1,21 @@
-"""C core of the device: guest memory, swiotlb windows, virtqueues (cffi)."""
+"""C core of the device: guest memory, swiotlb windows, virtqueues (cffi).
+
+The data path (ring walks, validation, preadv/pwritev into guest memory) runs
+in C with the GIL released; Python never sees a host address.
+"""
+
+from .errors import ChainError, DmaError, GuestMemoryError, QueueError
+from .memory import MAX_REGIONS, GuestMemory, MemoryRegion
+from .virtqueue import Chain, VirtQueue
+
+__all__ = [
+    "MAX_REGIONS",
+    "Chain",
+    "ChainError",
+    "DmaError",
+    "GuestMemory",
+    "GuestMemoryError",
+    "MemoryRegion",
+    "QueueError",
+    "VirtQueue",
+]

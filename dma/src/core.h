@@ -1,8 +1,139 @@
-/* pyvirtiofsd C core: public declarations exposed through cffi. */
+/*
+ * pyvirtiofsd C core: the declarations exposed to Python through cffi.
+ *
+ * Everything here is opaque or plain data: no host address ever crosses this
+ * interface.  dma/build_core.py repeats these declarations in its CDEF (cffi
+ * cannot read headers); keep the two in sync and bump the ABI version.
+ *
+ * Return convention: functions returning int use 0 (or a positive count /
+ * boolean) for success and a negative PVD_E_* / PVD_C_* code on failure;
+ * pvd_strerror() turns a code into a message.  Codes <= PVD_C_FIRST are
+ * per-chain defects (the chain has already been completed with used len 0).
+ */
 #ifndef PVD_CORE_H
 #define PVD_CORE_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 /* Bumped whenever the C ABI seen by Python changes. */
 int pvd_core_abi_version(void);
+
+enum {
+	PVD_OK = 0,
+	/* generic / memory-table errors */
+	PVD_E_NOMEM = -1,
+	PVD_E_INVAL = -2,
+	PVD_E_REGION_SIZE = -3,
+	PVD_E_REGION_OVERFLOW = -4,
+	PVD_E_REGION_OVERLAP = -5,
+	PVD_E_TOO_MANY_REGIONS = -6,
+	PVD_E_MMAP = -7,
+	PVD_E_NOT_FOUND = -8,
+	PVD_E_OUTSIDE_MEMORY = -9,
+	PVD_E_OUTSIDE_WINDOW = -10,
+	/* queue-level errors */
+	PVD_E_NOT_CONFIGURED = -20,
+	PVD_E_QUEUE_SIZE = -21,
+	PVD_E_RING_ALIGN = -22,
+	PVD_E_RING_MEMORY = -23,
+	PVD_E_RING_WINDOW = -24,
+	PVD_E_AVAIL_IDX = -25,
+	PVD_E_BROKEN = -26,
+	/* chain usage errors (host-side misuse, not guest defects) */
+	PVD_E_COMPLETED = -40,
+	PVD_E_RANGE = -41,
+	PVD_E_STALE = -42,
+	PVD_E_IO = -43,
+	PVD_E_WRONG_QUEUE = -44,
+	/* per-chain guest defects: the chain was failed (used len 0) */
+	PVD_C_FIRST = -100,
+	PVD_C_HEAD_RANGE = -100,
+	PVD_C_NEXT_RANGE = -101,
+	PVD_C_TTL = -102,
+	PVD_C_DESC_MEMORY = -103,
+	PVD_C_DESC_WINDOW = -104,
+	PVD_C_READ_AFTER_WRITE = -105,
+	PVD_C_INDIRECT_LEN = -106,
+	PVD_C_NESTED_INDIRECT = -107,
+	PVD_C_INDIRECT_NEXT = -108,
+	PVD_C_TOTAL_LEN = -109,
+	PVD_C_TOO_MANY_SEGS = -110,
+	PVD_C_INDIRECT_MEMORY = -111,
+	PVD_C_INDIRECT_WINDOW = -112,
+	PVD_C_INDIRECT_SPLIT = -113,
+	PVD_C_NOMEM = -114,
+};
+
+/* Most memory regions one table may hold (vhost-user VHOST_USER_MAX_RAM_SLOTS). */
+#define PVD_MAX_REGIONS 509
+/* Largest indirect descriptor table accepted, in entries. */
+#define PVD_MAX_INDIRECT 1024
+/* Largest queue size (virtio split ring limit). */
+#define PVD_MAX_QUEUE_SIZE 32768
+
+const char *pvd_strerror(int code);
+
+/* One guest memory region as the front-end described it. */
+struct pvd_region_info {
+	uint64_t gpa;
+	uint64_t size;
+	uint64_t uaddr;
+	uint64_t mmap_offset;
+};
+
+struct pvd_mem;
+struct pvd_vq;
+struct pvd_chain;
+
+/* ---- guest memory (guest_memory.c) ---- */
+struct pvd_mem *pvd_mem_new(int has_window, uint64_t win_base, uint64_t win_size);
+void pvd_mem_free(struct pvd_mem *mem);
+int pvd_mem_add(struct pvd_mem *mem, int fd, const struct pvd_region_info *r, int *err);
+int pvd_mem_remove(struct pvd_mem *mem, const struct pvd_region_info *r);
+int pvd_mem_replace(struct pvd_mem *mem, size_t n, const int *fds,
+		    const struct pvd_region_info *rs, int *err);
+int pvd_mem_clear(struct pvd_mem *mem);
+/* Copies up to max entries into out (sorted by gpa); returns the region count. */
+size_t pvd_mem_regions(struct pvd_mem *mem, struct pvd_region_info *out, size_t max);
+uint64_t pvd_mem_mapped_bytes(struct pvd_mem *mem);
+int pvd_mem_uaddr_to_gpa(struct pvd_mem *mem, uint64_t uaddr, uint64_t len, uint64_t *gpa);
+int pvd_mem_read(struct pvd_mem *mem, uint64_t gpa, void *buf, size_t len);
+int pvd_mem_write(struct pvd_mem *mem, uint64_t gpa, const void *buf, size_t len);
+
+/* ---- split virtqueue (virtqueue.c) ---- */
+struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size);
+void pvd_vq_free(struct pvd_vq *vq);
+int pvd_vq_configure(struct pvd_vq *vq, uint32_t size, uint64_t desc_gpa,
+		     uint64_t avail_gpa, uint64_t used_gpa, int event_idx);
+int pvd_vq_set_base(struct pvd_vq *vq, uint16_t last_avail_idx);
+uint16_t pvd_vq_last_avail_idx(struct pvd_vq *vq);
+uint32_t pvd_vq_size(struct pvd_vq *vq);
+void pvd_vq_set_kick_fd(struct pvd_vq *vq, int fd);
+void pvd_vq_set_call_fd(struct pvd_vq *vq, int fd);
+/* 0: nothing available; 1: *out is a chain; <0: error (*bad_head set for PVD_C_*). */
+int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head);
+/* 1: call eventfd written; 0: suppressed / nothing to signal; <0: error. */
+int pvd_vq_notify(struct pvd_vq *vq);
+int pvd_vq_set_notification(struct pvd_vq *vq, int enable);
+/* 1: kicked (counter drained); 0: stopped or timed out. timeout_ms < 0: forever. */
+int pvd_vq_wait_kick(struct pvd_vq *vq, int timeout_ms);
+void pvd_vq_stop(struct pvd_vq *vq);
+void pvd_vq_reset(struct pvd_vq *vq);
+void pvd_vq_close(struct pvd_vq *vq);
+
+/* ---- popped chains (virtqueue.c) ---- */
+void pvd_chain_info(struct pvd_chain *c, uint32_t *head, uint64_t *readable_len,
+		    uint64_t *writable_len);
+int pvd_chain_read(struct pvd_chain *c, uint64_t offset, void *buf, size_t len);
+int pvd_chain_write(struct pvd_chain *c, uint64_t offset, const void *buf, size_t len);
+/* >= 0: bytes transferred; <0: error, errno in *err for PVD_E_IO. */
+int64_t pvd_chain_preadv(struct pvd_chain *c, int fd, int64_t file_offset, uint64_t len,
+			 uint64_t offset, int *err);
+int64_t pvd_chain_pwritev(struct pvd_chain *c, int fd, int64_t file_offset, uint64_t len,
+			  uint64_t offset, int *err);
+/* 0: published; PVD_E_STALE: queue was reconfigured since pop (nothing written). */
+int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len);
+void pvd_chain_free(struct pvd_chain *c);
 
 #endif

@@ -1,0 +1,844 @@
+/*
+ * Split virtqueue engine (device side) and popped descriptor chains.
+ *
+ * Spec references are to the virtio 1.2 numbering ("Split Virtqueues" is
+ * section 2.7; in virtio 1.1 the same text is 2.6.x):
+ *   2.7.5   The Virtqueue Descriptor Table (2.7.5.3 Indirect Descriptors)
+ *   2.7.6   The Virtqueue Available Ring
+ *   2.7.7   Used Buffer Notification Suppression
+ *   2.7.8   The Virtqueue Used Ring
+ *   2.7.10  Available Buffer Notification Suppression
+ *   2.7.13  Supplying Buffers to The Device (2.7.13.3 Updating idx)
+ *   2.7.14  Receiving Used Buffers From The Device
+ *
+ * Guest memory is shared with a concurrently running driver, so:
+ *  - ring indices are accessed with C11 atomics (the rings are 2/4-aligned);
+ *  - every descriptor is copied once into a local before it is validated
+ *    and used, so the guest cannot change it between check and use;
+ *  - the ring host pointers come from a table snapshot the queue holds a
+ *    reference on (pvd_vq::tbl), re-translated when the memory table changes.
+ *
+ * Locking: pvd_vq::lock serialises every ring access (pop, complete, notify,
+ * notification toggles, configure/reset).  It is never held while blocking
+ * (wait_kick polls without it).  Chains need no lock: they own a table
+ * reference and their iovecs, and are used by a single thread.
+ */
+#define _GNU_SOURCE
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+/* Most iovecs a chain may produce (a descriptor can cross region borders). */
+#define PVD_MAX_IOV 2048
+/* iovecs per preadv/pwritev call (IOV_MAX on Linux). */
+#define PVD_IOV_BATCH 1024
+
+struct pvd_desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+struct pvd_vq {
+	pthread_mutex_t lock;
+	struct pvd_mem *mem;
+	struct pvd_table *tbl; /* snapshot the ring pointers below came from */
+	uint32_t max_size, size;
+	int configured, event_idx, broken, notify_enabled;
+	uint64_t desc_gpa, avail_gpa, used_gpa;
+	uint8_t *desc, *avail, *used; /* host addresses of the rings */
+	uint16_t last_avail_idx, shadow_avail_idx, used_idx, signalled_used;
+	int signalled_used_valid;
+	uint32_t gen; /* bumped by configure/set_base/reset: stale chains are dropped */
+	int kick_fd, call_fd, stop_fd;
+	struct iovec *scratch;
+};
+
+struct pvd_chain {
+	struct pvd_table *tbl; /* NULL once completed */
+	struct pvd_vq *vq;
+	uint32_t gen;
+	uint32_t head;
+	uint64_t rlen, wlen;
+	uint32_t nr, nw; /* readable iovecs first, then writable */
+	struct iovec iov[];
+};
+
+/* ------------------------------------------------------ guest ring accessors */
+
+static inline uint16_t ld16(const uint8_t *p, memory_order mo)
+{
+	return le16toh(atomic_load_explicit((_Atomic uint16_t *)(void *)p, mo));
+}
+
+static inline void st16(uint8_t *p, uint16_t v, memory_order mo)
+{
+	atomic_store_explicit((_Atomic uint16_t *)(void *)p, htole16(v), mo);
+}
+
+static inline void st32(uint8_t *p, uint32_t v, memory_order mo)
+{
+	atomic_store_explicit((_Atomic uint32_t *)(void *)p, htole32(v), mo);
+}
+
+/* avail: flags@0 idx@2 ring@4 used_event@4+2*size */
+#define AVAIL_FLAGS(vq) ((vq)->avail)
+#define AVAIL_IDX(vq) ((vq)->avail + 2)
+#define AVAIL_RING(vq, i) ((vq)->avail + 4 + 2 * (size_t)(i))
+#define USED_EVENT(vq) AVAIL_RING(vq, (vq)->size)
+/* used: flags@0 idx@2 ring@4 (8 bytes each) avail_event@4+8*size */
+#define USED_FLAGS(vq) ((vq)->used)
+#define USED_IDX(vq) ((vq)->used + 2)
+#define USED_ELEM(vq, i) ((vq)->used + 4 + 8 * (size_t)(i))
+#define AVAIL_EVENT(vq) USED_ELEM(vq, (vq)->size)
+
+static void read_desc(const uint8_t *p, struct pvd_desc *d)
+{
+	/* One copy out of guest memory: later checks and uses see the same value. */
+	uint8_t raw[16];
+	memcpy(raw, p, sizeof(raw));
+	atomic_signal_fence(memory_order_acq_rel); /* keep the compiler from re-reading p */
+	uint64_t a;
+	uint32_t l;
+	uint16_t f, n;
+	memcpy(&a, raw, 8);
+	memcpy(&l, raw + 8, 4);
+	memcpy(&f, raw + 12, 2);
+	memcpy(&n, raw + 14, 2);
+	d->addr = le64toh(a);
+	d->len = le32toh(l);
+	d->flags = le16toh(f);
+	d->next = le16toh(n);
+}
+
+static uint64_t ring_bytes_avail(uint32_t size, int ev) { return 4 + 2 * (uint64_t)size + (ev ? 2 : 0); }
+static uint64_t ring_bytes_used(uint32_t size, int ev) { return 4 + 8 * (uint64_t)size + (ev ? 2 : 0); }
+
+static int ring_err(int rc)
+{
+	return rc == PVD_E_OUTSIDE_WINDOW ? PVD_E_RING_WINDOW : PVD_E_RING_MEMORY;
+}
+
+/* Translate the three rings against t. */
+static int translate_rings(struct pvd_vq *vq, struct pvd_table *t, uint8_t **d, uint8_t **a,
+			   uint8_t **u)
+{
+	int split, rc;
+	rc = pvd_table_translate_contig(t, vq->desc_gpa, 16 * (uint64_t)vq->size, d, &split);
+	if (rc)
+		return ring_err(rc);
+	rc = pvd_table_translate_contig(t, vq->avail_gpa, ring_bytes_avail(vq->size, vq->event_idx),
+					a, &split);
+	if (rc)
+		return ring_err(rc);
+	rc = pvd_table_translate_contig(t, vq->used_gpa, ring_bytes_used(vq->size, vq->event_idx),
+					u, &split);
+	if (rc)
+		return ring_err(rc);
+	return PVD_OK;
+}
+
+/* Lock held.  Make sure the ring pointers come from the current memory table. */
+static int refresh_rings(struct pvd_vq *vq)
+{
+	if (!vq->configured)
+		return PVD_E_NOT_CONFIGURED;
+	uint64_t gen = atomic_load_explicit(&vq->mem->cur_gen, memory_order_acquire);
+	if (vq->tbl && vq->tbl->gen == gen)
+		return PVD_OK;
+	struct pvd_table *t = pvd_table_acquire(vq->mem);
+	uint8_t *d, *a, *u;
+	int rc = translate_rings(vq, t, &d, &a, &u);
+	pvd_table_put(vq->tbl); /* never keep a stale snapshot's mappings alive */
+	if (rc) {
+		pvd_table_put(t);
+		vq->tbl = NULL;
+		vq->desc = vq->avail = vq->used = NULL;
+		vq->broken = 1;
+		return rc;
+	}
+	vq->tbl = t;
+	vq->desc = d;
+	vq->avail = a;
+	vq->used = u;
+	return PVD_OK;
+}
+
+/* Lock held, rings valid. */
+static void push_used(struct pvd_vq *vq, uint32_t head, uint32_t len)
+{
+	uint8_t *e = USED_ELEM(vq, vq->used_idx & (vq->size - 1));
+	st32(e, head, memory_order_relaxed);
+	st32(e + 4, len, memory_order_relaxed);
+	vq->used_idx++;
+	/*
+	 * 2.7.8 / 2.7.14: the used element (id, len) and every byte written into
+	 * the buffers must be visible to the driver before it can observe the
+	 * new used idx: release store (pairs with the driver's read barrier
+	 * after it reads used->idx).
+	 */
+	st16(USED_IDX(vq), vq->used_idx, memory_order_release);
+}
+
+/* ------------------------------------------------------------------ queues */
+
+struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size)
+{
+	if (max_size == 0 || max_size > PVD_MAX_QUEUE_SIZE || (max_size & (max_size - 1)))
+		return NULL;
+	struct pvd_vq *vq = calloc(1, sizeof(*vq));
+	if (!vq)
+		return NULL;
+	vq->scratch = malloc(PVD_MAX_IOV * sizeof(struct iovec));
+	vq->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (!vq->scratch || vq->stop_fd < 0) {
+		if (vq->stop_fd >= 0)
+			close(vq->stop_fd);
+		free(vq->scratch);
+		free(vq);
+		return NULL;
+	}
+	pthread_mutex_init(&vq->lock, NULL);
+	vq->mem = mem;
+	vq->max_size = max_size;
+	vq->kick_fd = -1;
+	vq->call_fd = -1;
+	vq->notify_enabled = 1;
+	return vq;
+}
+
+static void drain_fd(int fd)
+{
+	uint64_t v;
+	while (read(fd, &v, sizeof(v)) < 0 && errno == EINTR)
+		;
+}
+
+/* Lock held. */
+static void unconfigure(struct pvd_vq *vq)
+{
+	pvd_table_put(vq->tbl);
+	vq->tbl = NULL;
+	vq->desc = vq->avail = vq->used = NULL;
+	vq->configured = 0;
+	vq->size = 0;
+	vq->broken = 0;
+	vq->gen++;
+}
+
+void pvd_vq_free(struct pvd_vq *vq)
+{
+	if (!vq)
+		return;
+	pvd_vq_close(vq);
+	pthread_mutex_lock(&vq->lock);
+	unconfigure(vq);
+	pthread_mutex_unlock(&vq->lock);
+	close(vq->stop_fd);
+	pthread_mutex_destroy(&vq->lock);
+	free(vq->scratch);
+	free(vq);
+}
+
+int pvd_vq_configure(struct pvd_vq *vq, uint32_t size, uint64_t desc_gpa, uint64_t avail_gpa,
+		     uint64_t used_gpa, int event_idx)
+{
+	int rc;
+	pthread_mutex_lock(&vq->lock);
+	unconfigure(vq); /* a failed configure leaves the queue unconfigured */
+	if (size == 0 || size > vq->max_size || (size & (size - 1))) {
+		rc = PVD_E_QUEUE_SIZE;
+		goto out;
+	}
+	if ((desc_gpa & 15) || (avail_gpa & 1) || (used_gpa & 3)) {
+		rc = PVD_E_RING_ALIGN;
+		goto out;
+	}
+	vq->size = size;
+	vq->desc_gpa = desc_gpa;
+	vq->avail_gpa = avail_gpa;
+	vq->used_gpa = used_gpa;
+	vq->event_idx = !!event_idx;
+	struct pvd_table *t = pvd_table_acquire(vq->mem);
+	uint8_t *d, *a, *u;
+	rc = translate_rings(vq, t, &d, &a, &u);
+	if (rc) {
+		pvd_table_put(t);
+		vq->size = 0;
+		goto out;
+	}
+	vq->tbl = t;
+	vq->desc = d;
+	vq->avail = a;
+	vq->used = u;
+	vq->configured = 1;
+	vq->notify_enabled = 1;
+	vq->shadow_avail_idx = vq->last_avail_idx;
+	vq->used_idx = ld16(USED_IDX(vq), memory_order_relaxed);
+	vq->signalled_used_valid = 0;
+	drain_fd(vq->stop_fd);
+out:
+	pthread_mutex_unlock(&vq->lock);
+	return rc;
+}
+
+int pvd_vq_set_base(struct pvd_vq *vq, uint16_t last_avail_idx)
+{
+	pthread_mutex_lock(&vq->lock);
+	vq->last_avail_idx = last_avail_idx;
+	vq->shadow_avail_idx = last_avail_idx;
+	vq->signalled_used_valid = 0;
+	vq->broken = 0;
+	vq->gen++;
+	if (vq->configured && refresh_rings(vq) == PVD_OK)
+		vq->used_idx = ld16(USED_IDX(vq), memory_order_relaxed);
+	else
+		vq->used_idx = last_avail_idx;
+	pthread_mutex_unlock(&vq->lock);
+	return PVD_OK;
+}
+
+uint16_t pvd_vq_last_avail_idx(struct pvd_vq *vq)
+{
+	pthread_mutex_lock(&vq->lock);
+	uint16_t v = vq->last_avail_idx;
+	pthread_mutex_unlock(&vq->lock);
+	return v;
+}
+
+uint32_t pvd_vq_size(struct pvd_vq *vq)
+{
+	pthread_mutex_lock(&vq->lock);
+	uint32_t v = vq->size;
+	pthread_mutex_unlock(&vq->lock);
+	return v;
+}
+
+void pvd_vq_set_kick_fd(struct pvd_vq *vq, int fd)
+{
+	pthread_mutex_lock(&vq->lock);
+	int old = vq->kick_fd;
+	vq->kick_fd = fd;
+	pthread_mutex_unlock(&vq->lock);
+	/* A wait_kick() in progress polls its own dup of the old fd. */
+	if (old >= 0)
+		close(old);
+}
+
+void pvd_vq_set_call_fd(struct pvd_vq *vq, int fd)
+{
+	pthread_mutex_lock(&vq->lock);
+	int old = vq->call_fd;
+	vq->call_fd = fd;
+	pthread_mutex_unlock(&vq->lock);
+	if (old >= 0)
+		close(old);
+}
+
+void pvd_vq_close(struct pvd_vq *vq)
+{
+	pvd_vq_stop(vq);
+	pvd_vq_set_kick_fd(vq, -1);
+	pvd_vq_set_call_fd(vq, -1);
+}
+
+void pvd_vq_stop(struct pvd_vq *vq)
+{
+	uint64_t one = 1;
+	/* The stop eventfd stays readable (never drained by waiters) until
+	 * reset()/configure(): every wait returns 0 until then. */
+	while (write(vq->stop_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+		;
+}
+
+void pvd_vq_reset(struct pvd_vq *vq)
+{
+	pthread_mutex_lock(&vq->lock);
+	unconfigure(vq);
+	vq->last_avail_idx = vq->shadow_avail_idx = vq->used_idx = 0;
+	vq->signalled_used_valid = 0;
+	vq->notify_enabled = 1;
+	drain_fd(vq->stop_fd);
+	pthread_mutex_unlock(&vq->lock);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int pvd_vq_wait_kick(struct pvd_vq *vq, int timeout_ms)
+{
+	pthread_mutex_lock(&vq->lock);
+	/* Poll a private dup so set_kick_fd() may close the original meanwhile. */
+	int kfd = vq->kick_fd >= 0 ? fcntl(vq->kick_fd, F_DUPFD_CLOEXEC, 0) : -1;
+	pthread_mutex_unlock(&vq->lock);
+
+	struct pollfd p[2] = {
+		{ .fd = vq->stop_fd, .events = POLLIN },
+		{ .fd = kfd, .events = POLLIN }, /* negative fd: ignored by poll */
+	};
+	int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
+	int result = 0;
+	for (;;) {
+		int t = -1;
+		if (timeout_ms >= 0) {
+			int64_t left = deadline - now_ms();
+			t = left > 0 ? (left > INT_MAX ? INT_MAX : (int)left) : 0;
+		}
+		int n = poll(p, 2, t);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (n == 0)
+			break; /* timed out */
+		if (p[0].revents)
+			break; /* stopped (stop wins over a simultaneous kick) */
+		if (p[1].revents & POLLIN) {
+			drain_fd(kfd); /* eventfd: one read resets the counter */
+			result = 1;
+			break;
+		}
+		if (p[1].revents)
+			break; /* error/hangup on the kick fd: report "not kicked" */
+	}
+	if (kfd >= 0)
+		close(kfd);
+	return result;
+}
+
+/* ------------------------------------------------------------ chain walking */
+
+struct walk {
+	struct pvd_vq *vq;
+	const struct pvd_table *t;
+	struct iovec *iov;
+	uint32_t niov, nr;
+	uint64_t rlen, wlen;
+	int writable_seen;
+};
+
+static int add_buffer(struct walk *w, uint64_t addr, uint32_t len, int writable)
+{
+	if (writable) {
+		w->writable_seen = 1;
+		w->wlen += len;
+	} else {
+		if (w->writable_seen)
+			return PVD_C_READ_AFTER_WRITE;
+		w->rlen += len;
+	}
+	/* 2.7.5: used len is 32 bits; refuse chains whose total does not fit. */
+	if (w->rlen + w->wlen > UINT32_MAX)
+		return PVD_C_TOTAL_LEN;
+	uint64_t left = len;
+	while (left) {
+		uint8_t *h;
+		uint64_t chunk;
+		int rc = pvd_table_translate(w->t, addr, left, &h, &chunk);
+		if (rc == PVD_E_OUTSIDE_WINDOW)
+			return PVD_C_DESC_WINDOW;
+		if (rc)
+			return PVD_C_DESC_MEMORY;
+		if (w->niov >= PVD_MAX_IOV)
+			return PVD_C_TOO_MANY_SEGS;
+		w->iov[w->niov].iov_base = h;
+		w->iov[w->niov].iov_len = (size_t)chunk;
+		w->niov++;
+		if (!writable)
+			w->nr++;
+		addr += chunk;
+		left -= chunk;
+	}
+	return PVD_OK;
+}
+
+/* 2.7.5 / 2.7.5.3: walk the chain starting at head, validating every step. */
+static int walk_chain(struct walk *w, uint32_t head)
+{
+	struct pvd_vq *vq = w->vq;
+	const uint8_t *table = vq->desc;
+	uint32_t n = vq->size; /* entries in the current table */
+	uint32_t ttl = vq->size;
+	int indirect = 0;
+	uint32_t i = head;
+
+	if (head >= vq->size)
+		return PVD_C_HEAD_RANGE;
+	for (;;) {
+		if (ttl-- == 0)
+			return PVD_C_TTL; /* loop, or longer than the table allows */
+		struct pvd_desc d;
+		read_desc(table + 16 * (size_t)i, &d);
+		if (d.flags & VRING_DESC_F_INDIRECT) {
+			if (indirect)
+				return PVD_C_NESTED_INDIRECT;
+			if (d.flags & VRING_DESC_F_NEXT)
+				return PVD_C_INDIRECT_NEXT;
+			if (d.len == 0 || d.len % 16 || d.len / 16 > PVD_MAX_INDIRECT)
+				return PVD_C_INDIRECT_LEN;
+			uint8_t *h;
+			int split;
+			int rc = pvd_table_translate_contig(w->t, d.addr, d.len, &h, &split);
+			if (rc == PVD_E_OUTSIDE_WINDOW)
+				return PVD_C_INDIRECT_WINDOW;
+			if (rc)
+				return split ? PVD_C_INDIRECT_SPLIT : PVD_C_INDIRECT_MEMORY;
+			table = h;
+			n = ttl = d.len / 16;
+			indirect = 1;
+			i = 0;
+			continue;
+		}
+		if (d.len) {
+			int rc = add_buffer(w, d.addr, d.len, !!(d.flags & VRING_DESC_F_WRITE));
+			if (rc)
+				return rc;
+		} else if (d.flags & VRING_DESC_F_WRITE) {
+			w->writable_seen = 1;
+		} else if (w->writable_seen) {
+			return PVD_C_READ_AFTER_WRITE;
+		}
+		if (!(d.flags & VRING_DESC_F_NEXT))
+			return PVD_OK;
+		if (d.next >= n)
+			return PVD_C_NEXT_RANGE;
+		i = d.next;
+	}
+}
+
+int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head)
+{
+	int rc;
+	*out = NULL;
+	pthread_mutex_lock(&vq->lock);
+	if (!vq->configured) {
+		rc = PVD_E_NOT_CONFIGURED;
+		goto out;
+	}
+	if (vq->broken) {
+		rc = PVD_E_BROKEN;
+		goto out;
+	}
+	rc = refresh_rings(vq);
+	if (rc)
+		goto out;
+	if (vq->shadow_avail_idx == vq->last_avail_idx) {
+		/*
+		 * 2.7.13.3: the driver issues a write barrier between filling the
+		 * ring entry and bumping avail->idx.  Acquire load pairs with it.
+		 */
+		uint16_t idx = ld16(AVAIL_IDX(vq), memory_order_acquire);
+		if ((uint16_t)(idx - vq->last_avail_idx) > vq->size) {
+			vq->broken = 1; /* 2.7.6: at most `size` entries can be pending */
+			rc = PVD_E_AVAIL_IDX;
+			goto out;
+		}
+		vq->shadow_avail_idx = idx;
+		if (idx == vq->last_avail_idx) {
+			rc = 0;
+			goto out;
+		}
+	}
+	/*
+	 * 2.7.13.3: read barrier between observing avail->idx and reading the
+	 * ring entry and the descriptors it names (needed again here because the
+	 * idx may have been read by an earlier call).
+	 */
+	atomic_thread_fence(memory_order_acquire);
+	uint32_t head = ld16(AVAIL_RING(vq, vq->last_avail_idx & (vq->size - 1)), memory_order_relaxed);
+	vq->last_avail_idx++;
+	if (vq->event_idx && vq->notify_enabled)
+		/* 2.7.10: ask for a kick when the driver goes past what we consumed. */
+		st16(AVAIL_EVENT(vq), vq->last_avail_idx, memory_order_relaxed);
+
+	struct walk w = { .vq = vq, .t = vq->tbl, .iov = vq->scratch };
+	rc = walk_chain(&w, head);
+	if (rc == PVD_OK) {
+		struct pvd_chain *c = malloc(sizeof(*c) + (size_t)w.niov * sizeof(struct iovec));
+		if (!c) {
+			rc = PVD_C_NOMEM;
+		} else {
+			memcpy(c->iov, w.iov, (size_t)w.niov * sizeof(struct iovec));
+			c->nr = w.nr;
+			c->nw = w.niov - w.nr;
+			c->rlen = w.rlen;
+			c->wlen = w.wlen;
+			c->head = head;
+			c->vq = vq;
+			c->gen = vq->gen;
+			c->tbl = vq->tbl;
+			pvd_table_get(c->tbl);
+			*out = c;
+			rc = 1;
+		}
+	}
+	if (rc < 0) {
+		/* Fail just this chain: hand the head back with nothing written. */
+		*bad_head = head;
+		push_used(vq, head, 0);
+	}
+out:
+	pthread_mutex_unlock(&vq->lock);
+	return rc;
+}
+
+/* 2.7.7: vring_need_event() - did new_idx cross event since old? */
+static int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+	return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+int pvd_vq_notify(struct pvd_vq *vq)
+{
+	int rc;
+	pthread_mutex_lock(&vq->lock);
+	rc = refresh_rings(vq);
+	if (rc)
+		goto out;
+	/*
+	 * 2.7.7 / 2.7.10: full barrier between publishing used->idx (done in
+	 * push_used) and reading used_event / avail->flags.  Pairs with the
+	 * driver's full barrier between writing used_event (or clearing
+	 * NO_INTERRUPT) and re-reading used->idx; without it both sides could
+	 * miss each other and the driver would sleep forever.
+	 */
+	atomic_thread_fence(memory_order_seq_cst);
+	int need;
+	uint16_t old = vq->signalled_used, cur = vq->used_idx;
+	int valid = vq->signalled_used_valid;
+	vq->signalled_used = cur;
+	vq->signalled_used_valid = 1;
+	if (vq->event_idx) {
+		uint16_t ev = ld16(USED_EVENT(vq), memory_order_relaxed);
+		need = !valid || need_event(ev, cur, old);
+		if (valid && old == cur)
+			need = 0;
+	} else {
+		need = (!valid || old != cur) &&
+		       !(ld16(AVAIL_FLAGS(vq), memory_order_relaxed) & VRING_AVAIL_F_NO_INTERRUPT);
+	}
+	rc = 0;
+	if (need && vq->call_fd >= 0) {
+		uint64_t one = 1;
+		ssize_t r;
+		do
+			r = write(vq->call_fd, &one, sizeof(one));
+		while (r < 0 && errno == EINTR);
+		rc = 1; /* EAGAIN means the counter is saturated: signalled anyway */
+	}
+out:
+	pthread_mutex_unlock(&vq->lock);
+	return rc;
+}
+
+int pvd_vq_set_notification(struct pvd_vq *vq, int enable)
+{
+	pthread_mutex_lock(&vq->lock);
+	vq->notify_enabled = !!enable;
+	int rc = refresh_rings(vq);
+	if (rc)
+		goto out;
+	if (vq->event_idx) {
+		/* 2.7.10: with EVENT_IDX the driver ignores used->flags. */
+		if (enable)
+			st16(AVAIL_EVENT(vq), vq->last_avail_idx, memory_order_relaxed);
+	} else {
+		st16(USED_FLAGS(vq), enable ? 0 : VRING_USED_F_NO_NOTIFY, memory_order_relaxed);
+	}
+	/*
+	 * 2.7.10: the flag / avail_event store must be visible before we
+	 * re-read avail->idx (the caller pops again after enabling): full fence,
+	 * pairing with the driver's barrier between bumping avail->idx and
+	 * reading used->flags / avail_event.
+	 */
+	atomic_thread_fence(memory_order_seq_cst);
+out:
+	pthread_mutex_unlock(&vq->lock);
+	return rc;
+}
+
+/* ------------------------------------------------------------------ chains */
+
+void pvd_chain_info(struct pvd_chain *c, uint32_t *head, uint64_t *rlen, uint64_t *wlen)
+{
+	*head = c->head;
+	*rlen = c->rlen;
+	*wlen = c->wlen;
+}
+
+/*
+ * Build, into out[], iovecs covering [offset, offset+len) of the part
+ * iov[0..n).  Returns the count (<= max); *covered receives how many bytes
+ * they cover (less than len when max was reached).
+ */
+static int slice_iov(const struct iovec *iov, uint32_t n, uint64_t offset, uint64_t len,
+		     struct iovec *out, int max, uint64_t *covered)
+{
+	int k = 0;
+	*covered = 0;
+	for (uint32_t i = 0; i < n && len && k < max; i++) {
+		uint64_t l = iov[i].iov_len;
+		if (offset >= l) {
+			offset -= l;
+			continue;
+		}
+		uint64_t take = l - offset;
+		if (take > len)
+			take = len;
+		out[k].iov_base = (uint8_t *)iov[i].iov_base + offset;
+		out[k].iov_len = (size_t)take;
+		k++;
+		offset = 0;
+		len -= take;
+		*covered += take;
+	}
+	return k;
+}
+
+static int check_part(struct pvd_chain *c, uint64_t part_len, uint64_t offset, uint64_t len)
+{
+	if (!c->tbl)
+		return PVD_E_COMPLETED;
+	if (offset > part_len || len > part_len - offset)
+		return PVD_E_RANGE;
+	return PVD_OK;
+}
+
+static void copy_part(const struct iovec *iov, uint32_t n, uint64_t offset, uint8_t *buf,
+		      uint64_t len, int to_guest)
+{
+	for (uint32_t i = 0; i < n && len; i++) {
+		uint64_t l = iov[i].iov_len;
+		if (offset >= l) {
+			offset -= l;
+			continue;
+		}
+		uint64_t take = l - offset;
+		if (take > len)
+			take = len;
+		uint8_t *g = (uint8_t *)iov[i].iov_base + offset;
+		if (to_guest)
+			memcpy(g, buf, take);
+		else
+			memcpy(buf, g, take);
+		buf += take;
+		len -= take;
+		offset = 0;
+	}
+}
+
+int pvd_chain_read(struct pvd_chain *c, uint64_t offset, void *buf, size_t len)
+{
+	int rc = check_part(c, c->rlen, offset, len);
+	if (rc)
+		return rc;
+	copy_part(c->iov, c->nr, offset, buf, len, 0);
+	return PVD_OK;
+}
+
+int pvd_chain_write(struct pvd_chain *c, uint64_t offset, const void *buf, size_t len)
+{
+	int rc = check_part(c, c->wlen, offset, len);
+	if (rc)
+		return rc;
+	copy_part(c->iov + c->nr, c->nw, offset, (uint8_t *)buf, len, 1);
+	return PVD_OK;
+}
+
+static int64_t chain_io(struct pvd_chain *c, int fd, int64_t foff, uint64_t len, uint64_t offset,
+			int *err, int to_guest)
+{
+	const struct iovec *part = to_guest ? c->iov + c->nr : c->iov;
+	uint32_t n = to_guest ? c->nw : c->nr;
+	int rc = check_part(c, to_guest ? c->wlen : c->rlen, offset, len);
+	if (rc)
+		return rc;
+	if (foff < 0) {
+		*err = EINVAL;
+		return PVD_E_IO;
+	}
+	struct iovec v[PVD_IOV_BATCH];
+	uint64_t done = 0;
+	while (done < len) {
+		uint64_t covered;
+		int k = slice_iov(part, n, offset + done, len - done, v, PVD_IOV_BATCH, &covered);
+		ssize_t r = to_guest ? preadv(fd, v, k, foff + (int64_t)done)
+				     : pwritev(fd, v, k, foff + (int64_t)done);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			if (done)
+				break; /* report the partial transfer; the error recurs next call */
+			*err = errno;
+			return PVD_E_IO;
+		}
+		if (r == 0)
+			break; /* EOF (read) or no progress (write) */
+		done += (uint64_t)r;
+	}
+	return (int64_t)done;
+}
+
+int64_t pvd_chain_preadv(struct pvd_chain *c, int fd, int64_t file_offset, uint64_t len,
+			 uint64_t offset, int *err)
+{
+	return chain_io(c, fd, file_offset, len, offset, err, 1);
+}
+
+int64_t pvd_chain_pwritev(struct pvd_chain *c, int fd, int64_t file_offset, uint64_t len,
+			  uint64_t offset, int *err)
+{
+	return chain_io(c, fd, file_offset, len, offset, err, 0);
+}
+
+int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len)
+{
+	if (!c->tbl)
+		return PVD_E_COMPLETED;
+	if (c->vq != vq)
+		return PVD_E_WRONG_QUEUE;
+	int rc = PVD_OK;
+	pthread_mutex_lock(&vq->lock);
+	if (c->gen != vq->gen || !vq->configured) {
+		rc = PVD_E_STALE; /* queue reconfigured since the pop: drop silently */
+	} else if (refresh_rings(vq) == PVD_OK) {
+		push_used(vq, c->head, used_len);
+	} else {
+		rc = PVD_E_BROKEN;
+	}
+	pthread_mutex_unlock(&vq->lock);
+	/* Our writes into the buffers happened before push_used's release store;
+	 * only now may the old snapshot be unmapped. */
+	pvd_table_put(c->tbl);
+	c->tbl = NULL;
+	return rc;
+}
+
+void pvd_chain_free(struct pvd_chain *c)
+{
+	if (!c)
+		return;
+	pvd_table_put(c->tbl);
+	free(c);
+}

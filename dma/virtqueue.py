@@ -1,0 +1,301 @@
+"""Split virtqueue (device side) and popped descriptor chains.
+
+All ring walking, validation and I/O into guest memory run in C with the GIL
+released.  A typical worker::
+
+    while vq.wait_kick():
+        while True:
+            vq.disable_notification()
+            try:
+                chain = vq.pop()
+            except ChainError as e:
+                log(e)            # already completed with used len 0
+                continue
+            if chain is None:
+                vq.enable_notification()
+                if (chain := vq.pop()) is None:   # re-check after enabling
+                    break
+            handle(chain); chain.complete(n)
+        vq.notify_if_needed()
+
+Threading: one worker thread per queue calls pop / Chain methods /
+notify_if_needed; the control plane may concurrently replace the memory table
+(ring and chain translations hold their own snapshot of it).  Reconfiguring a
+queue (configure / set_base / reset) while its worker runs is safe but
+completions of chains popped before are then dropped.  A Chain is used by one
+thread at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from ._core import ffi, lib  # type: ignore[import-not-found, unused-ignore]
+from .errors import ChainError, DmaError, QueueError
+from .memory import GuestMemory, as_buffer, buffer_len, check_u64, strerror
+
+__all__ = ["Chain", "VirtQueue"]
+
+_INT_MAX = (1 << 31) - 1
+
+
+def _queue_error(code: int, what: str) -> QueueError:
+    return QueueError(f"{what}: {strerror(code)}")
+
+
+class VirtQueue:
+    """One split virtqueue.
+
+    File descriptors: the queue owns the kick and call eventfds it is given
+    (the previous one is closed on replacement, both on :meth:`close`).
+    :meth:`reset` keeps them (vhost-user sends new ones explicitly when it
+    wants to change them) but forgets the ring configuration and indices.
+    The stop state set by :meth:`stop` is cleared by :meth:`reset` and
+    :meth:`configure`.
+    """
+
+    def __init__(self, memory: GuestMemory, index: int, max_size: int = 1024) -> None:
+        if not 1 <= max_size <= lib.PVD_MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"max_size must be a power of two in 1..32768, got {max_size}")
+        ptr = lib.pvd_vq_new(memory._c_handle(), max_size)
+        if ptr == ffi.NULL:
+            raise OSError("cannot create virtqueue (out of memory or eventfd)")
+        self._memory = memory  # keeps the C memory object alive
+        self._vq: Any = ffi.gc(ptr, lib.pvd_vq_free)
+        self.index = index
+        self.max_size = max_size
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    # -- configuration ---------------------------------------------------------
+
+    def configure(
+        self, *, size: int, desc_gpa: int, avail_gpa: int, used_gpa: int, event_idx: bool
+    ) -> None:
+        """Set the ring layout (guest-physical addresses); validates size, alignment, placement.
+
+        On QueueError the queue is left unconfigured.  Clears the stop state.
+        """
+        for name, v in (("desc_gpa", desc_gpa), ("avail_gpa", avail_gpa), ("used_gpa", used_gpa)):
+            check_u64(name, v, QueueError)
+        if not isinstance(size, int) or not 0 < size <= self.max_size:
+            size = 0  # rejected by the C side, which also leaves the queue unconfigured
+        rc = lib.pvd_vq_configure(self._vq, size, desc_gpa, avail_gpa, used_gpa, int(event_idx))
+        if rc:
+            raise _queue_error(rc, f"queue {self.index}")
+
+    def set_base(self, last_avail_idx: int) -> None:
+        """VHOST_USER_SET_VRING_BASE; the used idx shadow is re-read from the ring if configured."""
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise ValueError(f"last_avail_idx out of range: {last_avail_idx}")
+        lib.pvd_vq_set_base(self._vq, last_avail_idx)
+
+    @property
+    def last_avail_idx(self) -> int:
+        return int(lib.pvd_vq_last_avail_idx(self._vq))
+
+    @property
+    def size(self) -> int:
+        """Configured queue size (0 when unconfigured)."""
+        return int(lib.pvd_vq_size(self._vq))
+
+    def set_kick_fd(self, fd: int | None) -> None:
+        lib.pvd_vq_set_kick_fd(self._vq, self._check_fd(fd))
+
+    def set_call_fd(self, fd: int | None) -> None:
+        lib.pvd_vq_set_call_fd(self._vq, self._check_fd(fd))
+
+    @staticmethod
+    def _check_fd(fd: int | None) -> int:
+        if fd is None:
+            return -1
+        if not isinstance(fd, int) or fd < 0 or fd > _INT_MAX:
+            raise ValueError(f"invalid file descriptor {fd!r}")
+        return fd
+
+    # -- data path -------------------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """Next available chain, or None.
+
+        Raises ChainError for a malformed chain (already completed with used
+        len 0: log and pop again) and QueueError when the ring itself is
+        unusable (the queue stays broken until reconfigured).
+        """
+        out = ffi.new("struct pvd_chain **")
+        bad = ffi.new("uint32_t *")
+        rc = lib.pvd_vq_pop(self._vq, out, bad)
+        if rc == 1:
+            return Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
+        if rc == 0:
+            return None
+        if rc <= lib.PVD_C_FIRST:
+            raise ChainError(int(bad[0]), strerror(rc))
+        raise _queue_error(rc, f"queue {self.index}")
+
+    def notify_if_needed(self) -> bool:
+        """Signal the call eventfd unless suppressed (EVENT_IDX / NO_INTERRUPT).
+
+        Call after completing a batch; returns whether the eventfd was written.
+        """
+        rc = lib.pvd_vq_notify(self._vq)
+        if rc < 0:
+            if rc == lib.PVD_E_NOT_CONFIGURED:
+                return False
+            raise _queue_error(rc, f"queue {self.index}")
+        return bool(rc)
+
+    def enable_notification(self) -> None:
+        self._set_notification(True)
+
+    def disable_notification(self) -> None:
+        self._set_notification(False)
+
+    def _set_notification(self, enable: bool) -> None:
+        rc = lib.pvd_vq_set_notification(self._vq, int(enable))
+        if rc and rc != lib.PVD_E_NOT_CONFIGURED:
+            raise _queue_error(rc, f"queue {self.index}")
+
+    def wait_kick(self, timeout: float | None = None) -> bool:
+        """Block until kicked (True, counter drained), stopped or timed out (False)."""
+        ms = -1 if timeout is None else min(_INT_MAX, max(0, math.ceil(timeout * 1000)))
+        return bool(lib.pvd_vq_wait_kick(self._vq, ms))
+
+    def stop(self) -> None:
+        """Wake any wait_kick() now; later waits return False until reset()/configure()."""
+        lib.pvd_vq_stop(self._vq)
+
+    def reset(self) -> None:
+        """Back to unconfigured with indices 0; keeps the kick/call fds; clears stop."""
+        lib.pvd_vq_reset(self._vq)
+
+    def close(self) -> None:
+        """stop(), then close the kick and call eventfds."""
+        lib.pvd_vq_close(self._vq)
+
+    def __repr__(self) -> str:
+        return f"<VirtQueue {self.index} size={self.size} last_avail={self.last_avail_idx}>"
+
+
+class Chain:
+    """One popped descriptor chain: a device-readable part then a device-writable part.
+
+    Offsets are relative to the start of each part; the parts may span many
+    descriptors and memory regions.  The chain pins the memory-table snapshot
+    it was translated against until :meth:`complete` (or garbage collection).
+    """
+
+    __slots__ = ("_c", "_done", "_vq", "head", "readable_len", "writable_len")
+
+    head: int
+    readable_len: int
+    writable_len: int
+    _c: Any
+    _vq: VirtQueue
+    _done: bool
+
+    def __init__(self) -> None:
+        raise TypeError("chains come from VirtQueue.pop()")
+
+    @classmethod
+    def _wrap(cls, vq: VirtQueue, c: Any) -> Chain:
+        self = object.__new__(cls)
+        head = ffi.new("uint32_t *")
+        rlen = ffi.new("uint64_t *")
+        wlen = ffi.new("uint64_t *")
+        lib.pvd_chain_info(c, head, rlen, wlen)
+        self._c = c
+        self._vq = vq
+        self._done = False
+        self.head = int(head[0])
+        self.readable_len = int(rlen[0])
+        self.writable_len = int(wlen[0])
+        return self
+
+    def _check(self, rc: int) -> None:
+        if rc == lib.PVD_E_RANGE:
+            raise ValueError(strerror(rc))
+        if rc:
+            raise DmaError(f"chain {self.head}: {strerror(rc)}")
+
+    def _live(self) -> None:
+        if self._done:
+            raise DmaError(f"chain {self.head}: {strerror(lib.PVD_E_COMPLETED)}")
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes from the readable part (ValueError when out of range)."""
+        self._live()
+        if offset < 0 or offset > self.readable_len:
+            raise ValueError(f"offset {offset} outside readable part ({self.readable_len})")
+        if length is None:
+            length = self.readable_len - offset
+        if length < 0 or offset + length > self.readable_len:
+            raise ValueError(f"{offset}+{length} outside readable part ({self.readable_len})")
+        buf = ffi.new("uint8_t[]", length or 1)
+        self._check(lib.pvd_chain_read(self._c, offset, buf, length))
+        return bytes(ffi.buffer(buf, length))
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        """Copy data into the writable part at offset (ValueError if it does not fit)."""
+        self._live()
+        n = buffer_len(data)
+        if offset < 0 or offset + n > self.writable_len:
+            raise ValueError(f"{offset}+{n} does not fit the writable part ({self.writable_len})")
+        self._check(lib.pvd_chain_write(self._c, offset, as_buffer(data), n))
+
+    def _io(
+        self, fn: Any, part_len: int, fd: int, file_offset: int, length: int, offset: int
+    ) -> int:
+        self._live()
+        if file_offset < 0 or length < 0 or offset < 0 or offset + length > part_len:
+            raise ValueError(f"{offset}+{length} outside the chain part ({part_len})")
+        err = ffi.new("int *")
+        rc = int(fn(self._c, fd, file_offset, length, offset, err))
+        if rc == lib.PVD_E_IO:
+            raise OSError(err[0], os.strerror(err[0]))
+        if rc < 0:
+            self._check(rc)
+        return rc
+
+    def preadv(self, fd: int, file_offset: int, length: int, offset: int) -> int:
+        """Read from fd straight into the writable part at offset.
+
+        Loops on short reads until ``length`` bytes or EOF; returns the byte
+        count.  OSError when the first read fails (a later failure returns the
+        partial count).
+        """
+        return self._io(lib.pvd_chain_preadv, self.writable_len, fd, file_offset, length, offset)
+
+    def pwritev(self, fd: int, file_offset: int, length: int, offset: int) -> int:
+        """Write to fd straight from the readable part at offset; returns bytes written."""
+        return self._io(lib.pvd_chain_pwritev, self.readable_len, fd, file_offset, length, offset)
+
+    def complete(self, used_len: int) -> None:
+        """Publish to the used ring (release ordering), exactly once; does not notify.
+
+        ``used_len`` is the number of bytes written into the writable part.
+        If the queue was reset or reconfigured since this chain was popped the
+        completion is silently dropped.
+        """
+        self._live()
+        if not 0 <= used_len <= self.writable_len:
+            raise ValueError(f"used_len {used_len} outside 0..{self.writable_len}")
+        self._done = True
+        rc = lib.pvd_chain_complete(self._vq._vq, self._c, used_len)
+        if rc in (0, lib.PVD_E_STALE):
+            return
+        raise _queue_error(rc, f"queue {self._vq.index}")
+
+    @property
+    def completed(self) -> bool:
+        return self._done
+
+    def __repr__(self) -> str:
+        return (
+            f"<Chain head={self.head} readable={self.readable_len} "
+            f"writable={self.writable_len}{' done' if self._done else ''}>"
+        )
