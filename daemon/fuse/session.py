@@ -1,0 +1,430 @@
+"""One FUSE session: decode a request chain, dispatch it, encode the reply.
+
+:meth:`FuseSession.handle` is the whole interface to the transport.  It is
+called concurrently from one worker thread per request queue and never
+raises: every guest-caused problem becomes an errno reply, decided in one
+place (:meth:`FuseSession._dispatch`):
+
+* ``OSError`` from the filesystem -> ``-errno``;
+* :class:`~.errors.FuseError` (malformed request, not initialised,
+  unsupported opcode, bad protocol version) -> its ``errno``, with a warning
+  logged for malformed requests;
+* any other exception is a bug of ours: logged with its traceback, ``-EIO``.
+
+Requests without a reply (FORGET, BATCH_FORGET, INTERRUPT) return 0 used
+bytes.  So does a request whose writable part cannot hold the reply: nothing
+usable can be written, the failure is logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+from ..passthrough.filesystem import PassthroughFs, RequestContext
+from . import abi
+from .abi import InHeader, InitFlag, InitOut, Opcode
+from .errors import (
+    FuseError,
+    MalformedRequest,
+    NotInitialized,
+    ProtocolVersionError,
+    UnsupportedOperation,
+)
+
+__all__ = ["DEFAULT_INIT_FLAGS", "FuseSession", "RequestChain"]
+
+logger = logging.getLogger("pyvirtiofsd.fuse")
+
+_OUT = abi.OUT_HEADER.size
+#: Largest request body read into memory (everything but WRITE's payload):
+#: room for two PATH_MAX names plus a 64 KiB xattr value.
+MAX_BODY = (1 << 16) + 2 * 4096 + 256
+
+
+class RequestChain(Protocol):
+    """One virtio descriptor chain carrying one FUSE request (see the transport)."""
+
+    readable_len: int
+    writable_len: int
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None: ...
+
+    def preadv(self, fd: int, file_offset: int, length: int, offset: int) -> int: ...
+
+    def pwritev(self, fd: int, file_offset: int, length: int, offset: int) -> int: ...
+
+
+class InPlace(NamedTuple):
+    """A reply whose ``length`` payload bytes the handler already put after the header."""
+
+    length: int
+
+
+class _NoReply:
+    """Marker: the request has no reply at all (not even a header)."""
+
+
+NO_REPLY = _NoReply()
+
+Reply = bytes | InPlace | _NoReply
+_Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
+
+#: What we ask for at INIT (each only if the kernel offers it):
+#:
+#: * ASYNC_READ: several READs of one file may be in flight (we are threaded).
+#: * BIG_WRITES: writes larger than a page (implied by modern kernels).
+#: * AUTO_INVAL_DATA: the host may change files behind the guest's back; drop
+#:   cached pages when mtime/size change.
+#: * DO_READDIRPLUS, READDIRPLUS_AUTO: READDIRPLUS saves a LOOKUP per entry
+#:   for ``ls -l``, and the kernel picks when it pays off.
+#: * ASYNC_DIO: direct I/O may be split into parallel requests.
+#: * PARALLEL_DIROPS: lookups and readdirs of one directory may run at once;
+#:   the inode table is thread-safe.
+#: * MAX_PAGES: honour our max_pages (and so large READs/WRITEs).
+#: * CACHE_SYMLINKS: a symlink's target never changes without a new inode.
+#:
+#: Not asked: POSIX/FLOCK locks, ATOMIC_O_TRUNC, WRITEBACK_CACHE and
+#: HANDLE_KILLPRIV(_V2) (no writes yet), EXPORT_SUPPORT (we refuse lookups of
+#: ``.``/``..``), POSIX_ACL, SUBMOUNTS (the share is served as one device),
+#: INIT_EXT (nothing in flags2 is wanted: no DAX, no security context),
+#: SPLICE_* (meaningless over virtio), EXPLICIT_INVAL_DATA (contradicts AUTO).
+DEFAULT_INIT_FLAGS = (
+    InitFlag.ASYNC_READ
+    | InitFlag.BIG_WRITES
+    | InitFlag.AUTO_INVAL_DATA
+    | InitFlag.DO_READDIRPLUS
+    | InitFlag.READDIRPLUS_AUTO
+    | InitFlag.ASYNC_DIO
+    | InitFlag.PARALLEL_DIROPS
+    | InitFlag.MAX_PAGES
+    | InitFlag.CACHE_SYMLINKS
+)
+
+_HANDLERS: dict[int, _Handler] = {}
+
+
+def _op(opcode: Opcode) -> Callable[[_Handler], _Handler]:
+    def register(fn: _Handler) -> _Handler:
+        _HANDLERS[opcode] = fn
+        return fn
+
+    return register
+
+
+def _name(body: bytes) -> bytes:
+    """The body as exactly one NUL-terminated name."""
+    if not body or body[-1] != 0:
+        raise MalformedRequest("name is not NUL-terminated")
+    name = body[:-1]
+    if b"\0" in name:
+        raise MalformedRequest("name contains NUL")
+    return name
+
+
+class FuseSession:
+    """The FUSE protocol state of one virtio-fs device.
+
+    ``max_write`` (bytes, >= 4096) and ``max_pages`` (1..65535, the kernel
+    caps it at 256) are announced at INIT and bound the size of one
+    READ/WRITE; ``init_flags`` is the set of :class:`InitFlag` we want.
+    """
+
+    def __init__(
+        self,
+        fs: PassthroughFs,
+        *,
+        max_write: int = 1 << 20,
+        max_pages: int = 256,
+        init_flags: InitFlag = DEFAULT_INIT_FLAGS,
+    ) -> None:
+        if max_write < 4096 or max_write > 0xFFFF_FFFF:
+            raise ValueError(f"max_write {max_write} out of range")
+        if not 1 <= max_pages <= 0xFFFF:
+            raise ValueError(f"max_pages {max_pages} out of range")
+        self.fs = fs
+        self.max_write = max_write
+        self.max_pages = max_pages
+        self.init_flags = init_flags
+        self._state_lock = threading.Lock()
+        self.initialized = False
+        self.proto_minor = 0
+        self.flags = InitFlag(0)
+
+    # --- entry point ----------------------------------------------------------
+
+    def handle(self, chain: RequestChain) -> int:
+        """Process one request chain; returns the number of bytes written (used length)."""
+        try:
+            return self._handle(chain)
+        except Exception:  # the chain itself failed (or a bug of ours): fail this request
+            logger.exception("internal error while handling a FUSE request")
+        try:
+            return self._send(chain, 0, -errno.EIO, b"")
+        except Exception:
+            logger.exception("cannot send an error reply either; dropping the request")
+            return 0
+
+    def _handle(self, chain: RequestChain) -> int:
+        readable = chain.readable_len
+        if readable < abi.IN_HEADER.size:
+            logger.warning("request of %d bytes is shorter than fuse_in_header", readable)
+            return self._send(chain, 0, -errno.EINVAL, b"")
+        hdr = abi.IN_HEADER.decode(chain.read(0, abi.IN_HEADER.size))
+        if not abi.IN_HEADER.size <= hdr.len <= readable:
+            logger.warning(
+                "fuse_in_header.len %d inconsistent with %d readable bytes (opcode %d)",
+                hdr.len,
+                readable,
+                hdr.opcode,
+            )
+            return self._send(chain, hdr.unique, -errno.EINVAL, b"")
+        body_len = hdr.len - abi.IN_HEADER.size
+        if hdr.opcode == Opcode.WRITE:
+            # The payload stays in guest memory: pwritev reads it from the chain.
+            body_len = min(body_len, abi.WRITE_IN.size)
+        elif body_len > MAX_BODY:
+            logger.warning("request body of %d bytes (opcode %d) refused", body_len, hdr.opcode)
+            return self._send(chain, hdr.unique, -errno.EINVAL, b"")
+        body = chain.read(abi.IN_HEADER.size, body_len) if body_len else b""
+        if len(body) != body_len:
+            logger.warning("chain returned %d of %d body bytes", len(body), body_len)
+            return self._send(chain, hdr.unique, -errno.EIO, b"")
+        return self._dispatch(hdr, body, chain)
+
+    def _dispatch(self, hdr: InHeader, body: bytes, chain: RequestChain) -> int:
+        """Run the handler; the one place where failures become errno replies."""
+        no_reply = hdr.opcode in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT)
+        try:
+            handler = _HANDLERS.get(hdr.opcode)
+            if handler is None:
+                raise UnsupportedOperation(f"opcode {hdr.opcode} not supported")
+            if not self.initialized and hdr.opcode != Opcode.INIT:
+                raise NotInitialized(f"opcode {hdr.opcode} before INIT")
+            reply = handler(self, hdr, body, chain)
+        except FuseError as exc:
+            if isinstance(exc, MalformedRequest):
+                logger.warning("malformed request (opcode %d): %s", hdr.opcode, exc)
+            else:
+                logger.debug("request (opcode %d) refused: %s", hdr.opcode, exc)
+            err = exc.errno
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        except Exception:  # a bug of ours: keep serving, fail this request
+            logger.exception("internal error in the handler of opcode %d", hdr.opcode)
+            err = errno.EIO
+        else:
+            if isinstance(reply, _NoReply):
+                return 0
+            if isinstance(reply, InPlace):
+                return self._send_header(chain, hdr.unique, 0, reply.length)
+            return self._send(chain, hdr.unique, 0, reply)
+        if no_reply:
+            return 0
+        return self._send(chain, hdr.unique, -err, b"")
+
+    # --- reply encoding ---------------------------------------------------------
+
+    def _send(self, chain: RequestChain, unique: int, error: int, payload: bytes) -> int:
+        total = _OUT + len(payload)
+        if total > chain.writable_len:
+            logger.warning(
+                "reply of %d bytes does not fit the %d writable bytes (unique %d)",
+                total,
+                chain.writable_len,
+                unique,
+            )
+            return 0
+        chain.write(abi.OUT_HEADER.encode(abi.OutHeader(total, error, unique)) + payload)
+        return total
+
+    def _send_header(self, chain: RequestChain, unique: int, error: int, length: int) -> int:
+        total = _OUT + length
+        if total > chain.writable_len:  # the handler wrote past what we allowed: our bug
+            raise AssertionError(f"in-place reply of {total} bytes exceeds the chain")
+        chain.write(abi.OUT_HEADER.encode(abi.OutHeader(total, error, unique)))
+        return total
+
+    @staticmethod
+    def _room(chain: RequestChain) -> int:
+        """Payload bytes the writable part can take after the header."""
+        return max(chain.writable_len - _OUT, 0)
+
+    # --- session lifecycle ------------------------------------------------------
+
+    @_op(Opcode.INIT)
+    def _init(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        # fuse.h, "Version negotiation": same major -> both use the smaller
+        # minor; kernel major newer -> reply with our major only and expect a
+        # new INIT; kernel major older than ours -> we cannot fall back.
+        init = abi.decode_init_in(body)
+        with self._state_lock:
+            if self.initialized:
+                raise NotInitialized("second INIT in one session")
+            if init.major > abi.KERNEL_VERSION:
+                logger.info("guest offers FUSE %d.%d; asking for 7", init.major, init.minor)
+                return abi.INIT_OUT.encode(
+                    InitOut(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+                )
+            if init.major < abi.KERNEL_VERSION or init.minor < abi.MIN_KERNEL_MINOR_VERSION:
+                raise ProtocolVersionError(
+                    f"guest FUSE {init.major}.{init.minor} is older than "
+                    f"{abi.KERNEL_VERSION}.{abi.MIN_KERNEL_MINOR_VERSION}"
+                )
+            minor = min(init.minor, abi.KERNEL_MINOR_VERSION)
+            offered = init.flags
+            if init.flags & InitFlag.INIT_EXT:
+                offered |= init.flags2 << 32
+            flags = InitFlag(offered & self.init_flags)
+            max_pages = self.max_pages if flags & InitFlag.MAX_PAGES else 0
+            out = InitOut(
+                major=abi.KERNEL_VERSION,
+                minor=minor,
+                max_readahead=init.max_readahead,
+                flags=int(flags) & 0xFFFF_FFFF,
+                max_background=0,  # 0: kernel defaults
+                congestion_threshold=0,
+                max_write=self.max_write,
+                time_gran=1,  # nanosecond timestamps
+                max_pages=max_pages,
+                map_alignment=0,
+                flags2=int(flags) >> 32,
+            )
+            self.proto_minor = minor
+            self.flags = flags
+            self.initialized = True
+        logger.info("FUSE session initialised: protocol 7.%d", minor)
+        logger.debug(
+            "INIT flags offered %#x, chosen %#x (%s); max_write %d, max_pages %d, max_readahead %d",
+            offered,
+            int(flags),
+            flags,
+            self.max_write,
+            max_pages,
+            init.max_readahead,
+        )
+        return abi.encode_init_out(out, minor)
+
+    def reset(self) -> None:
+        """Back to the pre-INIT state: every inode (but the root) and handle dropped.
+
+        DESTROY does this; the device calls it too when the front-end resets
+        or goes away, since the guest's references die with it.
+        """
+        with self._state_lock:
+            self.fs.destroy()
+            self.initialized = False
+            self.proto_minor = 0
+            self.flags = InitFlag(0)
+
+    def close(self) -> None:
+        """Reset and release the filesystem's fds, the root's included."""
+        self.reset()
+        self.fs.close()
+
+    @_op(Opcode.DESTROY)
+    def _destroy(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.reset()
+        logger.info("FUSE session destroyed")
+        return b""
+
+    # --- no-reply requests ------------------------------------------------------
+
+    @_op(Opcode.FORGET)
+    def _forget(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.forget(hdr.nodeid, abi.FORGET_IN.decode(body).nlookup)
+        return NO_REPLY
+
+    @_op(Opcode.BATCH_FORGET)
+    def _batch_forget(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        count = abi.BATCH_FORGET_IN.decode(body).nitems
+        start = abi.BATCH_FORGET_IN.size
+        present = (len(body) - start) // abi.FORGET_ONE.size
+        if present < count:
+            logger.warning("BATCH_FORGET announces %d entries, carries %d", count, present)
+        items = [
+            abi.FORGET_ONE.decode(body, start + i * abi.FORGET_ONE.size)
+            for i in range(min(count, present))
+        ]
+        self.fs.batch_forget(items)
+        return NO_REPLY
+
+    @_op(Opcode.INTERRUPT)
+    def _interrupt(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        # Every request runs to completion quickly; there is nothing to interrupt.
+        # (virtio-fs in Linux 6.1 does not send INTERRUPT at all.)
+        return NO_REPLY
+
+    # --- read-only operations ---------------------------------------------------
+
+    @_op(Opcode.LOOKUP)
+    def _lookup(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return self.fs.lookup(hdr.nodeid, _name(body)).encode()
+
+    @_op(Opcode.GETATTR)
+    def _getattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.GETATTR_IN.decode(body)
+        fh = arg.fh if arg.getattr_flags & abi.GETATTR_FH else None
+        return self.fs.getattr(hdr.nodeid, fh).encode()
+
+    @_op(Opcode.READLINK)
+    def _readlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return self.fs.readlink(hdr.nodeid)
+
+    @_op(Opcode.OPEN)
+    def _open(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return abi.OPEN_OUT.encode(self.fs.open(hdr.nodeid, abi.OPEN_IN.decode(body).flags))
+
+    @_op(Opcode.READ)
+    def _read(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.READ_IN.decode(body)
+        size = min(arg.size, self._room(chain))
+
+        def into(fd: int, file_offset: int, length: int) -> int:
+            return chain.preadv(fd, file_offset, length, _OUT)
+
+        return InPlace(self.fs.read(arg.fh, arg.offset, size, into))
+
+    @_op(Opcode.FLUSH)
+    def _flush(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.flush(abi.FLUSH_IN.decode(body).fh)
+        return b""
+
+    @_op(Opcode.RELEASE)
+    def _release(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.release(abi.RELEASE_IN.decode(body).fh)
+        return b""
+
+    @_op(Opcode.OPENDIR)
+    def _opendir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return abi.OPEN_OUT.encode(self.fs.opendir(hdr.nodeid, abi.OPEN_IN.decode(body).flags))
+
+    @_op(Opcode.READDIR)
+    def _readdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.READ_IN.decode(body)
+        return self.fs.readdir(arg.fh, arg.offset, min(arg.size, self._room(chain)))
+
+    @_op(Opcode.READDIRPLUS)
+    def _readdirplus(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.READ_IN.decode(body)
+        return self.fs.readdirplus(arg.fh, arg.offset, min(arg.size, self._room(chain)))
+
+    @_op(Opcode.RELEASEDIR)
+    def _releasedir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.releasedir(abi.RELEASE_IN.decode(body).fh)
+        return b""
+
+    @_op(Opcode.STATFS)
+    def _statfs(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return abi.KSTATFS.encode(self.fs.statfs(hdr.nodeid))
+
+    @_op(Opcode.ACCESS)
+    def _access(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        mask = abi.ACCESS_IN.decode(body).mask
+        self.fs.access(hdr.nodeid, mask, RequestContext(hdr.uid, hdr.gid, hdr.pid))
+        return b""

@@ -1,0 +1,268 @@
+"""The inode and handle tables of the passthrough filesystem.
+
+Every object the guest can name is held by an open file descriptor, never by
+a path: inodes by an ``O_PATH | O_NOFOLLOW`` fd, open files and directories
+by a real fd reopened from it.  Both tables are shared by the worker threads
+of all request queues, so every mutation happens under the table's lock.
+
+Closing an fd while another thread still uses it would let the number be
+reused by an unrelated ``open`` and the late user would act on the wrong
+file.  So users *borrow* an entry (:meth:`InodeTable.borrow`,
+:meth:`HandleTable.borrow`); FORGET / RELEASE only mark an entry dead, and its
+fd is closed by whoever drops the last borrow (or at once if nobody holds it).
+
+Node IDs come from a counter that is never reset, not even by DESTROY, so a
+node ID is never reused and the generation number can stay 0 ("nodeid:gen
+must be unique for the fs's lifetime", fuse.h).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Generic, TypeVar
+
+from ..fuse.abi import ROOT_ID
+
+__all__ = ["DirEntry", "DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
+
+InodeKey = tuple[int, int]  # (st_dev, st_ino)
+
+
+class _Pinned:
+    """An fd-holding entry: closed once it is dead and no longer borrowed."""
+
+    __slots__ = ("_dead", "_pins", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pins = 0
+        self._dead = False
+
+
+def _close(fd: int) -> None:
+    # EBADF here would be our bug, EINTR is harmless: neither may stop a worker.
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+_P = TypeVar("_P", bound=_Pinned)
+
+
+class _PinnedTable(Generic[_P]):
+    """Shared locking and borrow/kill logic of both tables."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, _P] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    @contextmanager
+    def _borrow(self, key: int, missing: int) -> Iterator[_P]:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise OSError(missing, os.strerror(missing))
+            entry._pins += 1
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry._pins -= 1
+                close = entry._dead and entry._pins == 0
+            if close:
+                _close(entry.fd)
+
+    def _kill_locked(self, entry: _P) -> bool:
+        """Mark dead (caller holds the lock, entry already unlinked); True: close now."""
+        entry._dead = True
+        return entry._pins == 0
+
+
+class Inode(_Pinned):
+    """One host inode known to the guest."""
+
+    __slots__ = ("key", "mode", "nlookup", "nodeid")
+
+    def __init__(self, nodeid: int, fd: int, key: InodeKey, mode: int) -> None:
+        super().__init__(fd)
+        self.nodeid = nodeid
+        self.key = key
+        self.mode = mode  # file type bits (st_mode & S_IFMT); fixed for an inode's life
+        self.nlookup = 0
+
+
+class InodeTable(_PinnedTable[Inode]):
+    """Node IDs -> :class:`Inode`, deduplicated by ``(st_dev, st_ino)``."""
+
+    def __init__(self, root_fd: int, root_stat: os.stat_result) -> None:
+        super().__init__()
+        self._by_key: dict[InodeKey, Inode] = {}
+        self._ids = itertools.count(ROOT_ID + 1)
+        self.root = Inode(ROOT_ID, root_fd, (root_stat.st_dev, root_stat.st_ino), 0)
+        self.root.mode = root_stat.st_mode & 0o170000
+        self.root.nlookup = 1
+        self._entries[ROOT_ID] = self.root
+        self._by_key[self.root.key] = self.root
+
+    def borrow(self, nodeid: int) -> AbstractContextManager[Inode]:
+        """Pin ``nodeid`` for the duration of a ``with``; EBADF if unknown."""
+        return self._borrow(nodeid, errno.EBADF)
+
+    def add_lookup(self, fd: int, st: os.stat_result) -> Inode:
+        """Count one lookup of the inode ``fd`` refers to; the table owns ``fd`` after.
+
+        If the inode is already known, ``fd`` is closed and the existing entry
+        (and node ID) is reused, so two names of one file share one node.
+        """
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is None:
+                inode = Inode(next(self._ids), fd, key, st.st_mode & 0o170000)
+                self._entries[inode.nodeid] = inode
+                self._by_key[key] = inode
+                fd = -1
+            inode.nlookup += 1
+        if fd >= 0:
+            _close(fd)
+        return inode
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop ``nlookup`` references; at zero the inode is freed (never the root)."""
+        with self._lock:
+            inode = self._entries.get(nodeid)
+            if inode is None:
+                return
+            inode.nlookup = max(inode.nlookup - nlookup, 0)
+            if inode.nlookup or inode is self.root:
+                return
+            del self._entries[nodeid]
+            del self._by_key[inode.key]
+            close = self._kill_locked(inode)
+        if close:
+            _close(inode.fd)
+
+    def nlookup(self, nodeid: int) -> int:
+        """Current lookup count of ``nodeid`` (0 if unknown); for tests and debugging."""
+        with self._lock:
+            inode = self._entries.get(nodeid)
+            return 0 if inode is None else inode.nlookup
+
+    def clear(self) -> None:
+        """Forget everything but the root (DESTROY)."""
+        to_close: list[int] = []
+        with self._lock:
+            for inode in self._entries.values():
+                if inode is not self.root and self._kill_locked(inode):
+                    to_close.append(inode.fd)
+            self._entries = {ROOT_ID: self.root}
+            self._by_key = {self.root.key: self.root}
+            self.root.nlookup = 1
+        for fd in to_close:
+            _close(fd)
+
+    def close_root(self) -> None:
+        """Close everything including the root; the table is unusable after."""
+        self.clear()
+        with self._lock:
+            self._entries.clear()
+            self._by_key.clear()
+            close = self._kill_locked(self.root)
+        if close:
+            _close(self.root.fd)
+
+
+class DirEntry:
+    """One snapshotted directory entry."""
+
+    __slots__ = ("dtype", "ino", "name")
+
+    def __init__(self, name: bytes, ino: int, dtype: int) -> None:
+        self.name = name
+        self.ino = ino
+        self.dtype = dtype
+
+
+class Handle(_Pinned):
+    """An open file or directory (the guest's ``fh``)."""
+
+    __slots__ = ("nodeid",)
+
+    def __init__(self, fd: int, nodeid: int) -> None:
+        super().__init__(fd)
+        self.nodeid = nodeid
+
+
+class FileHandle(Handle):
+    __slots__ = ()
+
+
+class DirHandle(Handle):
+    """An open directory with a snapshot of its entries.
+
+    READDIR offsets are indexes into the snapshot (entry ``i`` carries
+    ``off = i + 1``), so they stay valid across calls no matter how the
+    directory changes; the snapshot is retaken when the guest reads from
+    offset 0 (``rewinddir``).  POSIX leaves it unspecified whether entries
+    created or removed after ``opendir``/``rewinddir`` are reported, so this
+    is conforming.  The cost is memory proportional to the directory size per
+    open handle; getdents64 cookies via ctypes would avoid it but are
+    architecture-specific syscall plumbing and not stable across renames on
+    every filesystem either.
+    """
+
+    __slots__ = ("entries", "lock")
+
+    def __init__(self, fd: int, nodeid: int) -> None:
+        super().__init__(fd, nodeid)
+        self.lock = threading.Lock()
+        self.entries: list[DirEntry] | None = None
+
+
+Handle_T = TypeVar("Handle_T", bound=Handle)
+
+
+class HandleTable(_PinnedTable[Handle]):
+    """``fh`` -> :class:`Handle`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids = itertools.count(1)
+
+    def add(self, handle: Handle) -> int:
+        with self._lock:
+            fh = next(self._ids)
+            self._entries[fh] = handle
+        return fh
+
+    @contextmanager
+    def borrow(self, fh: int, kind: type[Handle_T]) -> Iterator[Handle_T]:
+        """Pin handle ``fh``, which must be a ``kind``; EBADF otherwise."""
+        with self._borrow(fh, errno.EBADF) as handle:
+            if not isinstance(handle, kind):
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            yield handle
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._entries.pop(fh, None)
+            close = handle is not None and self._kill_locked(handle)
+        if handle is not None and close:
+            _close(handle.fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            handles = list(self._entries.values())
+            self._entries.clear()
+            to_close = [h.fd for h in handles if self._kill_locked(h)]
+        for fd in to_close:
+            _close(fd)
