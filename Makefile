@@ -16,7 +16,7 @@ RUN_ARGS   ?=
 
 PYTEST     := $(PY) -m pytest
 
-.PHONY: all deps system-deps venv guest run test unit-test vm-test lint clean distclean
+.PHONY: all deps system-deps venv guest run test unit-test vm-test lint bench clean distclean
 
 all: deps guest
 
@@ -54,9 +54,13 @@ unit-test: deps
 vm-test: deps guest
 	$(PYTEST) -m vm tests
 
+# Guest-side throughput of pyvirtiofsd vs the C virtiofsd and QEMU's 9p, same VM, same run.
+bench: deps guest
+	@$(PY) -m pyvirtiofsd.vm.bench $(BENCH_ARGS)
+
 lint: deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy daemon dma vm
+	scripts/typecheck.sh
 
 clean:
 	rm -rf build/runs build/initramfs .pytest_cache

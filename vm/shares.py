@@ -26,7 +26,7 @@ from .qemu import NinePShare, VhostUserFsDevice
 C_VIRTIOFSD = Path(os.environ.get("PYVIRTIOFSD_C_VIRTIOFSD", "/usr/lib/qemu/virtiofsd"))
 BACKENDS = ("pyvirtiofsd", "virtiofsd", "9p")
 #: The backend shares use unless told otherwise.
-DEFAULT_BACKEND = os.environ.get("PYVIRTIOFSD_BACKEND", "virtiofsd")
+DEFAULT_BACKEND = os.environ.get("PYVIRTIOFSD_BACKEND", "pyvirtiofsd")
 
 
 @dataclass(frozen=True)

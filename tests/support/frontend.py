@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Self
 
 import trio
+
 from pyvirtiofsd.daemon.vhost_user.messages import (
     HEADER_SIZE,
     U64,

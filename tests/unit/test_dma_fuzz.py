@@ -11,8 +11,8 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyvirtiofsd.dma import Chain, ChainError, GuestMemory, QueueError, VirtQueue
 
+from pyvirtiofsd.dma import Chain, ChainError, GuestMemory, QueueError, VirtQueue
 from tests.support.splitq import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,

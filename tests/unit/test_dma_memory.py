@@ -6,8 +6,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from pyvirtiofsd.dma import MAX_REGIONS, DmaError, GuestMemory, GuestMemoryError, MemoryRegion
 
+from pyvirtiofsd.dma import MAX_REGIONS, DmaError, GuestMemory, GuestMemoryError, MemoryRegion
 from tests.support.splitq import GuestRam
 
 MiB = 1 << 20

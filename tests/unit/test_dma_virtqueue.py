@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from pyvirtiofsd.dma import (
     Chain,
     ChainError,
@@ -19,7 +20,6 @@ from pyvirtiofsd.dma import (
     QueueError,
     VirtQueue,
 )
-
 from tests.support.splitq import (
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from pyvirtiofsd.daemon.fuse import abi
 from pyvirtiofsd.daemon.fuse.errors import MalformedRequest
 

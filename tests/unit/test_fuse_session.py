@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pyvirtiofsd.daemon.fuse import abi
 from pyvirtiofsd.daemon.fuse.abi import InitFlag
 from pyvirtiofsd.daemon.fuse.session import DEFAULT_INIT_FLAGS, FuseSession
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
-
 from tests.support.fakechain import (
     BATCH_FORGET,
     DESTROY,

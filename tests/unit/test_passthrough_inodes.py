@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pyvirtiofsd.daemon.fuse.session import FuseSession
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
 from pyvirtiofsd.daemon.passthrough.inodes import FileHandle, HandleTable
-
 from tests.support.fakechain import FuseClient, build_tree, open_fds
 
 

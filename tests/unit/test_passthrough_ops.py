@@ -13,10 +13,10 @@ from types import SimpleNamespace
 from typing import cast
 
 import pytest
+
 from pyvirtiofsd.daemon.fuse.session import FuseSession
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
 from pyvirtiofsd.daemon.passthrough.filesystem import encode_dev, stat_to_attr
-
 from tests.support.fakechain import (
     ACCESS,
     BATCH_FORGET,

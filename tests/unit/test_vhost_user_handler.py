@@ -10,6 +10,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pyvirtiofsd.daemon.vhost_user import HANDLER_PROTOCOL_FEATURES, VhostUserHandler
 from pyvirtiofsd.daemon.vhost_user.connection import RawMessage
 from pyvirtiofsd.daemon.vhost_user.messages import (
@@ -26,7 +27,6 @@ from pyvirtiofsd.daemon.vhost_user.messages import (
     VringFd,
     VringState,
 )
-
 from tests.unit.test_vhost_user_server import DEVICE_FEATURES, RecordingDevice
 
 u32 = st.integers(0, 0xFFFF_FFFF)

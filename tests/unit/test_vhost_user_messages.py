@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from pyvirtiofsd.daemon.vhost_user.errors import (
     FdCountError,
     HeaderError,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from pyvirtiofsd.daemon.vhost_user import (
     HANDLER_PROTOCOL_FEATURES,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -38,7 +39,6 @@ from pyvirtiofsd.daemon.vhost_user.messages import (
     VringState,
     encode_message,
 )
-
 from tests.support.frontend import FakeFrontend, MemFd
 
 VERSION_1 = 1 << 32

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from pyvirtiofsd.vm.agent import HEADER, MAGIC, AgentError, FrameType, GuestAgent
 
 

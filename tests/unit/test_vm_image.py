@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from pyvirtiofsd.vm import kernel
 from pyvirtiofsd.vm.initramfs import CpioWriter, InitramfsError
 from pyvirtiofsd.vm.shares import Share, daemon_argv

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pyvirtiofsd.vm.initramfs import build_initramfs
 from pyvirtiofsd.vm.kernel import build_kernel
 from pyvirtiofsd.vm.process import children_of

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from pyvirtiofsd.vm.agent import GuestCommandError
 from pyvirtiofsd.vm.machine import Machine, MachineConfig
 from pyvirtiofsd.vm.process import pid_exists

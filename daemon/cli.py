@@ -1,0 +1,272 @@
+"""``pyvirtiofsd``: command line of the vhost-user-fs backend.
+
+Compatible with virtiofsd where the two overlap, so a QEMU (or libvirt) set-up
+can swap one binary for the other::
+
+    pyvirtiofsd --socket-path /run/fs.sock --shared-dir /srv/share
+    pyvirtiofsd --fd 3 --shared-dir /srv/share          # inherited listening socket
+    pyvirtiofsd --socket-path=/run/fs.sock -o source=/srv/share,cache=auto
+    pyvirtiofsd --print-capabilities                     # vhost-user backend JSON
+
+The daemon serves one front-end (QEMU) at a time. When it disconnects the
+daemon releases everything and exits, like virtiofsd; with
+``--keep-listening`` it waits for the next connection instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__
+
+log = logging.getLogger("pyvirtiofsd")
+
+LOG_LEVELS = {
+    "error": logging.ERROR,
+    "err": logging.ERROR,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": logging.DEBUG,
+    "off": logging.CRITICAL + 1,
+}
+
+#: What ``--print-capabilities`` prints (docs/interop/vhost-user.json):
+#: the "fs" member of VHostUserBackendCapabilities carries no features.
+CAPABILITIES = {"type": "fs"}
+
+
+def backend_descriptor() -> dict[str, str]:
+    """The VhostUserBackend JSON that libvirt/management tools discover
+    (``share/qemu/vhost-user/50-pyvirtiofsd.json``), naming this installation."""
+    binary = shutil.which("pyvirtiofsd") or str(Path(sys.argv[0]).resolve())
+    return {
+        "description": "pyvirtiofsd: virtio-fs vhost-user backend in Python",
+        "type": "fs",
+        "binary": str(Path(binary).resolve()),
+    }
+
+
+def parse_swiotlb(text: str) -> tuple[int, int]:
+    """Parse the ``0x<base>,<size>`` window form (size in bytes, hex or decimal)."""
+    base_s, sep, size_s = text.partition(",")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected 0x<base>,<size>")
+    try:
+        base, size = int(base_s, 0), int(size_s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number in {text!r}") from None
+    if size <= 0 or base < 0 or base + size > 1 << 64:
+        raise argparse.ArgumentTypeError(f"bad window {text!r}")
+    return base, size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pyvirtiofsd",
+        description="vhost-user virtio-fs device backend, in Python.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-V", "--version", action="version", version=f"pyvirtiofsd {__version__}")
+    ap.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the vhost-user backend capabilities (JSON) and exit",
+    )
+    ap.add_argument(
+        "--print-backend-descriptor",
+        action="store_true",
+        help="print the vhost-user backend descriptor for share/qemu/vhost-user/ and exit",
+    )
+    ap.add_argument("--socket-path", metavar="PATH", help="vhost-user unix socket to listen on")
+    ap.add_argument(
+        "--fd",
+        type=int,
+        metavar="FD",
+        help="inherited listening vhost-user socket (instead of --socket-path)",
+    )
+    ap.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group owning the socket file created by --socket-path",
+    )
+    ap.add_argument("--shared-dir", metavar="DIR", help="directory to share with the guest")
+    ap.add_argument(
+        "-o",
+        dest="compat_options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="virtiofsd-style comma-separated options: source=DIR, cache=MODE, "
+        "log_level=LEVEL, xattr|no_xattr (others are ignored with a warning)",
+    )
+    ap.add_argument(
+        "--cache",
+        choices=("auto", "always", "never", "none"),
+        default="auto",
+        help="guest cache policy: attr/entry timeouts (default auto)",
+    )
+    ap.add_argument("--readonly", action="store_true", help="refuse every modification")
+    ap.add_argument(
+        "--thread-pool-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="accepted for compatibility; every request queue has its own worker "
+        "thread and I/O runs without the GIL",
+    )
+    ap.add_argument(
+        "--num-request-queues",
+        type=int,
+        default=16,
+        metavar="N",
+        help="most request queues offered to the front-end (default 16)",
+    )
+    ap.add_argument(
+        "--swiotlb",
+        type=parse_swiotlb,
+        metavar="0xBASE,SIZE",
+        help="strict window mode: map only this guest-physical range, require "
+        "VIRTIO_F_ACCESS_PLATFORM, refuse rings/buffers outside it",
+    )
+    ap.add_argument(
+        "--keep-listening",
+        action="store_true",
+        help="after the front-end disconnects, wait for the next one (default: exit)",
+    )
+    ap.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info")
+    ap.add_argument(
+        "--sandbox",
+        choices=("none",),
+        default="none",
+        help="accepted for compatibility; only 'none' (no sandboxing) is implemented",
+    )
+    ap.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="accepted for compatibility (the daemon always runs in the foreground)",
+    )
+    return ap
+
+
+def apply_compat_options(args: argparse.Namespace) -> None:
+    """Fold virtiofsd's ``-o a=b,c`` options into the regular arguments."""
+    for group in args.compat_options:
+        for opt in filter(None, group.split(",")):
+            key, _, value = opt.partition("=")
+            if key == "source":
+                args.shared_dir = value
+            elif key == "cache":
+                args.cache = value
+            elif key == "log_level":
+                if value not in LOG_LEVELS:
+                    raise SystemExit(f"pyvirtiofsd: bad log_level {value!r}")
+                args.log_level = value
+            elif key in (
+                "xattr",
+                "no_xattr",
+                "flock",
+                "no_flock",
+                "posix_lock",
+                "no_posix_lock",
+                "readdirplus",
+                "no_readdirplus",
+                "writeback",
+                "no_writeback",
+            ):
+                log.warning("option -o %s is not implemented yet; ignored", key)
+            elif key == "sandbox":
+                if value != "none":
+                    log.warning("sandbox=%s is not implemented; running without a sandbox", value)
+            else:
+                raise SystemExit(f"pyvirtiofsd: unknown option -o {opt}")
+
+
+def make_listener(args: argparse.Namespace) -> socket.socket:
+    from .vhost_user.server import adopt_listener, listen_unix
+
+    if args.fd is not None:
+        return adopt_listener(args.fd)
+    sock = listen_unix(args.socket_path)
+    if args.socket_group:
+        try:
+            gid = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            sock.close()
+            raise SystemExit(f"pyvirtiofsd: unknown group {args.socket_group!r}") from None
+        os.chown(args.socket_path, -1, gid)
+        os.chmod(args.socket_path, 0o660)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
+    if args.print_backend_descriptor:
+        print(json.dumps(backend_descriptor(), indent=2))
+        return 0
+    logging.basicConfig(
+        level=LOG_LEVELS[args.log_level],
+        format="[%(asctime)s] [pyvirtiofsd] %(levelname)s %(name)s: %(message)s",
+    )
+    apply_compat_options(args)
+    logging.getLogger().setLevel(LOG_LEVELS[args.log_level])
+    if args.shared_dir is None:
+        print("pyvirtiofsd: --shared-dir (or -o source=) is required", file=sys.stderr)
+        return 2
+    if (args.socket_path is None) == (args.fd is None):
+        print("pyvirtiofsd: give exactly one of --socket-path and --fd", file=sys.stderr)
+        return 2
+    shared = Path(args.shared_dir)
+    if not shared.is_dir():
+        print(f"pyvirtiofsd: shared directory {shared} is not a directory", file=sys.stderr)
+        return 1
+    try:
+        listener = make_listener(args)
+    except (OSError, ValueError) as e:
+        print(f"pyvirtiofsd: cannot listen: {e}", file=sys.stderr)
+        return 1
+
+    from .service import ServiceConfig, run_service
+
+    config = ServiceConfig(
+        shared_dir=shared.resolve(),
+        cache=args.cache,
+        readonly=args.readonly,
+        num_request_queues=args.num_request_queues,
+        window=args.swiotlb,
+        keep_listening=args.keep_listening,
+    )
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        trio.run(run_service, listener, config)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    finally:
+        listener.close()
+        if args.socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(args.socket_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

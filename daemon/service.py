@@ -1,0 +1,88 @@
+"""The daemon's top level: one trio run serving vhost-user front-ends.
+
+The control plane (vhost-user messages) runs in trio; the data plane runs in
+the device's queue worker threads. SIGTERM and SIGINT end the service
+cleanly: the current front-end's device is reset (workers joined, memory
+unmapped, inodes closed) before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .device import FsDevice
+from .fuse.session import FuseSession
+from .passthrough.filesystem import PassthroughFs
+
+log = logging.getLogger("pyvirtiofsd")
+
+#: --cache mode -> (entry timeout, attr timeout) in seconds, as virtiofsd.
+CACHE_TIMEOUTS = {
+    "never": (0.0, 0.0),
+    "none": (0.0, 0.0),
+    "auto": (1.0, 1.0),
+    "always": (86400.0, 86400.0),
+}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    shared_dir: Path
+    cache: str = "auto"
+    readonly: bool = False
+    num_request_queues: int = 16
+    window: tuple[int, int] | None = None
+    keep_listening: bool = False
+
+
+def make_device(config: ServiceConfig) -> FsDevice:
+    """A fresh device (and filesystem session) for one front-end connection."""
+    entry_timeout, attr_timeout = CACHE_TIMEOUTS[config.cache]
+    fs = PassthroughFs(config.shared_dir, entry_timeout=entry_timeout, attr_timeout=attr_timeout)
+    session = FuseSession(fs)
+    return FsDevice(session, num_request_queues=config.num_request_queues, window=config.window)
+
+
+async def _signals(cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            cancel.cancel()
+            return
+
+
+async def run_service(listener: socket.socket, config: ServiceConfig) -> None:
+    from .vhost_user.server import serve
+
+    log.info(
+        "serving %s (cache=%s%s%s)",
+        config.shared_dir,
+        config.cache,
+        ", read-only" if config.readonly else "",
+        f", swiotlb window {config.window[0]:#x}+{config.window[1]:#x}" if config.window else "",
+    )
+    devices: list[FsDevice] = []
+
+    def next_device() -> FsDevice:
+        # The handler resets a device when its front-end goes; closing it
+        # (root fd, queue fds) is ours, once the next one replaces it.
+        while devices:
+            devices.pop().close()
+        devices.append(make_device(config))
+        return devices[-1]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signals, nursery.cancel_scope)
+            await serve(listener, next_device, reconnect=config.keep_listening)
+            nursery.cancel_scope.cancel()
+    finally:
+        while devices:
+            devices.pop().close()
+    log.info("front-end gone; exiting")
