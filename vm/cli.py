@@ -67,6 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus,
         accel=args.accel,
         kernel_args=args.kernel_arg,
+        kernel=args.kernel,
         interactive=interactive,
     )
     with Machine(config, name="dev") as vm:

@@ -50,6 +50,7 @@ class MachineConfig:
     interactive: bool = False
     mount_shares: bool = True
     qemu: str = QEMU_BINARY
+    kernel: Path | None = None  # a bzImage to boot instead of the built, cached one
     extra_qemu_args: Sequence[str] = field(default_factory=tuple)
 
 
@@ -109,9 +110,9 @@ class Machine:
 
     def start(self) -> None:
         cfg = self.config
-        kernel = build_kernel()
+        bzimage = cfg.kernel if cfg.kernel is not None else build_kernel().bzimage
         initrd = build_initramfs(cfg.extra_files)
-        self.accel = choose_accel(cfg.accel, kernel.bzimage)
+        self.accel = choose_accel(cfg.accel, bzimage)
         if shutil.which(cfg.qemu) is None:
             raise MachineError(f"{cfg.qemu} not found: install qemu-system-x86 (run `make deps`)")
 
@@ -134,7 +135,7 @@ class Machine:
             agent_listener.bind(str(agent_path))
             agent_listener.listen(1)
             spec = MachineSpec(
-                kernel=kernel.bzimage,
+                kernel=bzimage,
                 initrd=initrd,
                 qmp_socket=qmp_path,
                 agent_socket=agent_path,
