@@ -17,6 +17,7 @@ from enum import IntEnum
 
 MAGIC = b"PVA1"
 HEADER = struct.Struct("<4sIII")
+EXEC_RESULT = struct.Struct("<iIIQ")  # status, stdout len, stderr len, elapsed ns
 MAX_PAYLOAD = 256 << 20
 
 
@@ -55,6 +56,7 @@ class CommandResult:
     status: int  # exit code, or -signal
     stdout: bytes
     stderr: bytes
+    elapsed: float = 0.0  # seconds, measured in the guest from fork to exit
 
     @property
     def text(self) -> str:
@@ -160,12 +162,13 @@ class GuestAgent:
         guest_timeout = max(1, int(timeout))
         payload = struct.pack("<II", guest_timeout, len(body)) + body + input
         data = self._request(FrameType.EXEC, payload, FrameType.EXEC_RESULT, timeout + 30)
-        if len(data) < 12:
+        if len(data) < EXEC_RESULT.size:
             raise AgentError("short EXEC_RESULT from agent")
-        status, olen, elen = struct.unpack_from("<iII", data)
-        if 12 + olen + elen != len(data):
+        status, olen, elen, elapsed_ns = EXEC_RESULT.unpack_from(data)
+        h = EXEC_RESULT.size
+        if h + olen + elen != len(data):
             raise AgentError("EXEC_RESULT lengths do not add up")
-        result = CommandResult(cmd, status, data[12 : 12 + olen], data[12 + olen :])
+        result = CommandResult(cmd, status, data[h : h + olen], data[h + olen :], elapsed_ns / 1e9)
         if check and status != 0:
             raise GuestCommandError(result)
         return result

@@ -202,6 +202,55 @@ class Machine:
                 f"{(r.stderr or r.stdout).decode(errors='replace').strip()}"
             )
 
+    def hotplug(self, share: Share, device_id: str, *, mount: bool = True) -> FsDaemon:
+        """Start a backend for ``share`` and hot-plug its vhost-user-fs device.
+
+        The guest sees it through ACPI PCI hotplug (``share.addr`` picks the
+        slot); with ``mount`` the share is mounted once the guest has bound it.
+        """
+        if share.backend == "9p":
+            raise MachineError("hot-plugging 9p shares is not supported (fsdev is cold-plug only)")
+        daemon = FsDaemon(share, device_id, self._sock_dir, self.log_dir)
+        self.daemons.append(daemon)
+        dev = vhost_user_device(share, device_id, daemon.socket_path)
+        self.qmp_command("chardev-add", **dev.qmp_chardev_add())
+        try:
+            self.qmp_command("device_add", **dev.qmp_device_add())
+        except Exception:
+            self.qmp_command("chardev-remove", id=f"chr-{device_id}")
+            raise
+        if mount:
+            # ACPI hotplug binds the device asynchronously and 6.1 publishes no
+            # event for "virtio-fs tag registered": retry the mount in the
+            # guest, bounded (like `udevadm settle`), until the tag is known.
+            cmd = share.mount_command()
+            retry = f"for i in $(seq 300); do {cmd} 2>/dev/null && exit 0; sleep 0.1; done; {cmd}"
+            r = self.agent.run(retry, timeout=60)
+            if r.status != 0:
+                raise MachineError(
+                    f"hot-plugged {device_id} never became mountable: "
+                    f"{r.stderr.decode(errors='replace').strip()}"
+                )
+        return daemon
+
+    def unplug(self, device_id: str, timeout: float = 30.0) -> None:
+        """``device_del`` and wait for QEMU's DEVICE_DELETED (the guest released it)."""
+        self.qmp.clear_events()
+        self.qmp_command("device_del", id=device_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MachineError(f"guest did not release {device_id} within {timeout:.0f} s")
+            event = self.qmp.pull_event(wait=left)
+            if (
+                event is not None
+                and event.get("event") == "DEVICE_DELETED"
+                and event.get("data", {}).get("device") == device_id
+            ):
+                break
+        self.qmp_command("chardev-remove", id=f"chr-{device_id}")
+
     def qmp_command(self, name: str, **args: Any) -> Any:
         """Run a QMP command; returns its ``return`` value, raises on error."""
         return self.qmp.cmd(name, **args)

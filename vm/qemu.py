@@ -36,6 +36,35 @@ class VhostUserFsDevice:
     def chardev_args(self) -> str:
         return f"socket,id=chr-{self.id},path={self.socket}"
 
+    def qmp_device_add(self) -> dict[str, object]:
+        """Arguments of QMP ``device_add`` for hot-plugging this device."""
+        args: dict[str, object] = {
+            "driver": "vhost-user-fs-pci",
+            "id": self.id,
+            "chardev": f"chr-{self.id}",
+            "tag": self.tag,
+            "queue-size": self.queue_size,
+            "num-request-queues": self.num_request_queues,
+        }
+        if self.iommu_platform:
+            args["iommu_platform"] = True
+        if self.addr is not None:
+            args["addr"] = f"{self.addr:#x}"
+        return args
+
+    def qmp_chardev_add(self) -> dict[str, object]:
+        """Arguments of QMP ``chardev-add`` for the device's vhost-user socket."""
+        return {
+            "id": f"chr-{self.id}",
+            "backend": {
+                "type": "socket",
+                "data": {
+                    "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+                    "server": False,
+                },
+            },
+        }
+
     def device_args(self) -> str:
         opts = [
             "vhost-user-fs-pci",

@@ -32,6 +32,7 @@ def test_agent_runs_commands_and_reports_status(no_leftover_processes: None) -> 
         # a command over its time limit is killed, and the agent keeps serving
         r = vm.agent.run("sleep 100", timeout=2)
         assert r.status == -9
+        assert r.elapsed >= 2.0  # the guest-side clock of the command
         vm.agent.ping()
         # file transfer both ways
         vm.agent.write_file("/tmp/x", b"\x00\x01abc", mode=0o600)

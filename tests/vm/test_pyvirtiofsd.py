@@ -45,7 +45,11 @@ def guest_sums(vm: Machine, mount: str) -> dict[str, str]:
     [
         ("plain", {}, ()),
         ("iommu-swiotlb-force", {"iommu_platform": True}, ("swiotlb=force",)),
-        ("two-request-queues", {"num_request_queues": 2}, ()),
+        (
+            "two-request-queues",
+            {"num_request_queues": 2, "daemon_args": ("--log-level", "debug")},
+            (),
+        ),
     ],
 )
 def test_guest_reads_share(
@@ -75,4 +79,31 @@ def test_guest_reads_share(
         assert sizes[0] == str(SIZES["big"])
         assert guest_sums(vm, "/mnt/pyfs") == host
         pids = vm.pids()
+        daemon_log = vm.daemons[0].process.log_path
+    if variant == "two-request-queues":
+        # QEMU started hiprio + both request queues, each with its own worker
+        text = daemon_log.read_text()
+        for q in range(3):
+            assert f"queue {q}: worker started" in text
     assert not any(pid_exists(p) for p in pids)
+
+
+def test_hotplug_and_unplug_a_share(tmp_path: Path, no_leftover_processes: None) -> None:
+    root = tmp_path / "hot"
+    root.mkdir()
+    (root / "f").write_bytes(b"hot-plugged\n")
+    with Machine(MachineConfig(), name="hotplug") as vm:
+        share = Share(root, "hot", backend="pyvirtiofsd", addr=0x6, iommu_platform=True)
+        daemon = vm.hotplug(share, "hot0")
+        assert vm.agent.run("cat /mnt/hot/f", check=True).stdout == b"hot-plugged\n"
+        slots = vm.agent.run("ls /sys/bus/pci/devices", check=True).text.split()
+        assert "0000:00:06.0" in slots
+        vm.agent.run("umount /mnt/hot", check=True)
+        vm.unplug("hot0")
+        slots = vm.agent.run("ls /sys/bus/pci/devices", check=True).text.split()
+        assert "0000:00:06.0" not in slots
+        # the backend sees the front-end go away and exits by itself
+        assert daemon.process.wait(30) == 0
+        # and the slot can be used again
+        vm.hotplug(Share(root, "hot", backend="pyvirtiofsd", addr=0x6), "hot1")
+        assert vm.agent.run("cat /mnt/hot/f", check=True).stdout == b"hot-plugged\n"

@@ -10,8 +10,10 @@
  *
  * Requests (host -> guest) and their replies (same id):
  *   EXEC  payload: u32 timeout_s, u32 cmd_len, cmd bytes, stdin bytes (rest)
- *         reply  : EXEC_RESULT i32 status, u32 out_len, u32 err_len, out, err
- *                  status = exit code, or -signal when killed (timeout: -9)
+ *         reply  : EXEC_RESULT i32 status, u32 out_len, u32 err_len,
+ *                  u64 elapsed_ns, out, err
+ *                  status = exit code, or -signal when killed (timeout: -9);
+ *                  elapsed_ns = guest CLOCK_MONOTONIC time from fork to exit
  *   READ  payload: path bytes
  *         reply  : FILE_DATA i32 errno (0 = ok), data
  *   WRITE payload: u32 mode, u32 path_len, path bytes, data (rest)
@@ -164,6 +166,7 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 		free(cmd);
 		return;
 	}
+	double started = now();
 	pid_t pid = fork();
 	if (pid == 0) {
 		dup2(in_p[0], 0);
@@ -247,15 +250,17 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 	int ws;
 	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
 		;
+	uint64_t elapsed_ns = (uint64_t)((now() - started) * 1e9);
 	status = WIFEXITED(ws) ? WEXITSTATUS(ws) : -WTERMSIG(ws);
 	if (err.truncated)
 		buf_append(&err, "\n[pva-agent: output truncated]\n", 31);
-	unsigned char hdr[12];
+	unsigned char hdr[20];
 	uint32_t ol = (uint32_t)out.len, el = (uint32_t)err.len;
 	memcpy(hdr, &status, 4);
 	memcpy(hdr + 4, &ol, 4);
 	memcpy(hdr + 8, &el, 4);
-	send_frame(T_EXEC_RESULT, id, hdr, 12, out.data, out.len, err.data, err.len);
+	memcpy(hdr + 12, &elapsed_ns, 8);
+	send_frame(T_EXEC_RESULT, id, hdr, 20, out.data, out.len, err.data, err.len);
 	free(out.data);
 	free(err.data);
 }
