@@ -41,7 +41,13 @@ from tests.support.fakechain import (
     request,
 )
 from tests.support.frontend import FakeFrontend
-from tests.support.splitq import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, GuestRam, SplitQueueBuilder
+from tests.support.splitq import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    GuestRam,
+    SplitQueueBuilder,
+)
 
 RAM_SIZE = 4 << 20
 UADDR = 0x7F00_0000_0000  # where the "front-end" has guest RAM mapped
@@ -199,25 +205,37 @@ async def test_hostile_chains_fail_alone(tmp_path: Path) -> None:
         q = rig.q
         req = q.alloc_data(request(GETATTR, 1, bytes(16)))
         out = q.alloc(4096)
-        hostile = {
-            "outside guest memory": [(RAM_SIZE + 4096, 64, 0, 0)],
-            "address overflow": [(2**64 - 16, 64, 0, 0)],
-            "loop": [(req, 56, VRING_DESC_F_NEXT, 1), (out, 4096, VRING_DESC_F_NEXT, 0)],
-            "readable after writable": [
-                (out, 4096, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
-                (req, 56, 0, 0),
-            ],
+        ind, nxt, wr = VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+        nested = q.write_table([(req, 56, nxt, 1), (q.alloc(64), 32, ind, 0)])
+        good_table = q.write_table([(req, 56, nxt, 1), (out, 4096, wr, 0)])
+        # reason -> (head, [(index, addr, len, flags, next)]); indexes 40.. are unused
+        hostile: dict[str, tuple[int, list[tuple[int, int, int, int, int]]]] = {
+            "outside guest memory": (40, [(40, RAM_SIZE + 4096, 64, 0, 0)]),
+            "address overflow": (40, [(40, 2**64 - 16, 64, 0, 0)]),
+            "huge length": (40, [(40, req, 0xFFFF_FFFF, 0, 0)]),
+            "loop": (40, [(40, req, 56, nxt, 41), (41, out, 4096, wr | nxt, 40)]),
+            "next out of range": (40, [(40, req, 56, nxt, QSIZE + 3)]),
+            "head out of range": (QSIZE + 7, []),
+            "readable after writable": (40, [(40, out, 4096, wr | nxt, 41), (41, req, 56, 0, 0)]),
+            "nested indirect": (40, [(40, nested, 32, ind, 0)]),
+            "indirect length not a multiple of 16": (40, [(40, good_table, 24, ind, 0)]),
+            "indirect with next": (40, [(40, good_table, 32, ind | nxt, 41), (41, out, 64, wr, 0)]),
+            "empty indirect table": (40, [(40, good_table, 0, ind, 0)]),
         }
-        for reason, descs in hostile.items():
-            base = 40  # descriptors the builder's allocator does not hand out yet
-            for i, (a, n, f, nxt) in enumerate(descs):
-                q.write_desc(base + i, a, n, f, base + nxt if f & VRING_DESC_F_NEXT else 0)
-            q.publish(base)
+        for reason, (head, descs) in hostile.items():
+            for i, a, n, f, nx in descs:
+                q.write_desc(i, a, n, f, nx)
+            q.publish(head)
             used = await rig.submit()
-            assert used == [(base, 0)], reason
+            assert used == [(head, 0)], reason
             # and the device still answers a good request right after
-            err, _payload = await rig.fuse(GETATTR, 1, bytes(16))
+            err, _ = await rig.fuse(GETATTR, 1, bytes(16))
             assert err == 0, reason
+        # a well-formed indirect chain works too
+        q.write_desc(40, good_table, 32, ind, 0)
+        q.publish(40)
+        ((h, n),) = await rig.submit()
+        assert h == 40 and n > 16
         assert rig.devices[0].memory.mapped_bytes == RAM_SIZE
 
 
