@@ -7,6 +7,7 @@ in C with the GIL released; Python never sees a host address.
 from .errors import ChainError, DmaError, GuestMemoryError, QueueError
 from .memory import MAX_REGIONS, GuestMemory, MemoryRegion
 from .virtqueue import Chain, VirtQueue
+from .windows import Window, WindowAllocator, WindowError, WindowExhausted, WindowFragmented
 
 __all__ = [
     "MAX_REGIONS",
@@ -18,4 +19,9 @@ __all__ = [
     "MemoryRegion",
     "QueueError",
     "VirtQueue",
+    "Window",
+    "WindowAllocator",
+    "WindowError",
+    "WindowExhausted",
+    "WindowFragmented",
 ]

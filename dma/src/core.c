@@ -2,7 +2,7 @@
 
 int pvd_core_abi_version(void)
 {
-	return 2;
+	return 3;
 }
 
 const char *pvd_strerror(int code)

@@ -46,6 +46,15 @@ enum {
 	PVD_E_STALE = -42,
 	PVD_E_IO = -43,
 	PVD_E_WRONG_QUEUE = -44,
+	/* swiotlb window allocator (window_alloc.c; pvd_walloc_strerror) */
+	PVD_E_WIN_RANGE = -60,
+	PVD_E_WIN_ALIGN = -61,
+	PVD_E_WIN_SIZE = -62,
+	PVD_E_WIN_OWNER = -63,
+	PVD_E_WIN_DUPLICATE = -64,
+	PVD_E_WIN_EXHAUSTED = -65,
+	PVD_E_WIN_FRAGMENTED = -66,
+	PVD_E_WIN_UNKNOWN = -67,
 	/* per-chain guest defects: the chain was failed (used len 0) */
 	PVD_C_FIRST = -100,
 	PVD_C_HEAD_RANGE = -100,
@@ -135,5 +144,63 @@ int64_t pvd_chain_pwritev(struct pvd_chain *c, int fd, int64_t file_offset, uint
 /* 0: published; PVD_E_STALE: queue was reconfigured since pop (nothing written). */
 int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len);
 void pvd_chain_free(struct pvd_chain *c);
+
+/*
+ * ---- per-device swiotlb windows (window_alloc.c) ----
+ *
+ * A range allocator over the guest's published bounce-buffer range
+ * [base, base+size), which must end at or below 4 GiB.  Each allocation (a
+ * "window") is tagged with an owner id: printable ASCII without spaces, 1..63
+ * bytes (a PCI BDF such as "0000:00:05.0", or a device id).  First fit in
+ * address order; every call takes the allocator's mutex.
+ */
+/* guest swiotlb slab (IO_TLB_SIZE) and segment (IO_TLB_SEGSIZE * IO_TLB_SIZE) */
+#define PVD_WIN_SLAB 2048
+#define PVD_WIN_SEGMENT 262144
+/* window bases are always at least page aligned */
+#define PVD_WIN_PAGE 4096
+/* owner id buffer, NUL included */
+#define PVD_WIN_OWNER_MAX 64
+
+struct pvd_window {
+	uint64_t base;
+	uint64_t size;
+	char owner[64]; /* PVD_WIN_OWNER_MAX, NUL terminated */
+};
+
+struct pvd_walloc_stats {
+	uint64_t base, size;  /* the managed range */
+	uint64_t free_bytes;  /* size minus the sum of all windows */
+	uint64_t largest_free; /* largest free extent, before alignment */
+	uint64_t largest_fit; /* largest window that align/granule would allow now */
+	uint32_t count;       /* number of windows */
+};
+
+struct pvd_walloc;
+
+/* NULL on failure, *err = PVD_E_WIN_RANGE (empty range, u64 overflow, end
+ * above 4 GiB, base not page aligned) or PVD_E_NOMEM. */
+struct pvd_walloc *pvd_walloc_new(uint64_t base, uint64_t size, int *err);
+void pvd_walloc_destroy(struct pvd_walloc *w);
+/*
+ * Allocate a window for owner.  Its base is aligned to max(align, PAGE); its
+ * size is size rounded up to granule (align and granule: powers of two >=
+ * SLAB).  On success *out holds the window.  On PVD_E_WIN_EXHAUSTED /
+ * PVD_E_WIN_FRAGMENTED, *st (if not NULL) is the state at the time of the
+ * failure, largest_fit computed for this align/granule.
+ */
+int pvd_walloc_alloc(struct pvd_walloc *w, const char *owner, uint64_t size, uint64_t align,
+		     uint64_t granule, struct pvd_window *out, struct pvd_walloc_stats *st);
+/* Free owner's window, copying it to *out (may be NULL); PVD_E_WIN_UNKNOWN if none. */
+int pvd_walloc_release(struct pvd_walloc *w, const char *owner, struct pvd_window *out);
+/* 1: found (*out filled), 0: no window for owner, <0: bad owner id. */
+int pvd_walloc_lookup(struct pvd_walloc *w, const char *owner, struct pvd_window *out);
+/* Copies up to max windows (sorted by base) into out; returns the window count. */
+size_t pvd_walloc_list(struct pvd_walloc *w, struct pvd_window *out, size_t max);
+/* largest_fit is computed for align/granule (0 for either: PAGE / SLAB). */
+void pvd_walloc_stats(struct pvd_walloc *w, uint64_t align, uint64_t granule,
+		      struct pvd_walloc_stats *st);
+/* pvd_strerror() extended with the PVD_E_WIN_* codes. */
+const char *pvd_walloc_strerror(int code);
 
 #endif
