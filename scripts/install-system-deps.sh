@@ -23,6 +23,7 @@ fuse3
 pkg-config
 python3-venv
 python3-dev
+debootstrap
 "
 
 missing=""

@@ -22,8 +22,10 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import debian
 from .accel import choose_accel
-from .agent import AgentError, GuestAgent
+from .agent import AgentError, CommandResult, GuestAgent
+from .debian import build_debian_root
 from .initramfs import ExtraFile, build_initramfs
 from .kernel import build_kernel
 from .paths import build_dir
@@ -51,6 +53,7 @@ class MachineConfig:
     mount_shares: bool = True
     qemu: str = QEMU_BINARY
     kernel: Path | None = None  # a bzImage to boot instead of the built, cached one
+    debian: bool = False  # Debian 12 userland at /debian (see vm/debian.py)
     extra_qemu_args: Sequence[str] = field(default_factory=tuple)
 
 
@@ -118,6 +121,9 @@ class Machine:
 
         fs_devices: list[VhostUserFsDevice] = []
         ninep: list[NinePShare] = []
+        if cfg.debian:
+            root = Share(build_debian_root(), debian.ROOT_TAG, backend="9p", readonly=True)
+            ninep.append(ninep_device(root, "debian-root"))
         for i, share in enumerate(cfg.shares):
             dev_id = f"fs{i}"
             if share.backend == "9p":
@@ -174,9 +180,13 @@ class Machine:
             raise self._boot_failure(f"guest agent not ready: {e}") from e
         self.boot_seconds = time.monotonic() - started
         log.info("guest up (kernel %s, %s) in %.1f s", release, self.accel, self.boot_seconds)
+        if cfg.debian:
+            self.agent.run(debian.mount_script(), timeout=60, check=True)
         if cfg.mount_shares:
             for share in cfg.shares:
                 self.mount(share)
+                if cfg.debian:
+                    self.agent.run(debian.bind_share_script(share.tag), check=True)
 
     def _boot_failure(self, msg: str) -> MachineError:
         details = [msg]
@@ -250,6 +260,14 @@ class Machine:
             ):
                 break
         self.qmp_command("chardev-remove", id=f"chr-{device_id}")
+
+    def debian_run(
+        self, command: str, *, timeout: float = 600.0, check: bool = False
+    ) -> CommandResult:
+        """Run ``command`` inside the Debian userland (needs ``MachineConfig.debian``)."""
+        if not self.config.debian:
+            raise MachineError("this guest was started without the Debian userland")
+        return self.agent.run(debian.chroot_command(command), timeout=timeout, check=check)
 
     def qmp_command(self, name: str, **args: Any) -> Any:
         """Run a QMP command; returns its ``return`` value, raises on error."""

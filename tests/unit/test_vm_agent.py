@@ -51,7 +51,11 @@ def test_hello_then_exec(pair: tuple[GuestAgent, socket.socket]) -> None:
         assert t == FrameType.EXEC
         _timeout, clen = struct.unpack_from("<II", body)
         assert body[8 : 8 + clen] == b"echo hi" and body[8 + clen :] == b"in"
-        s.sendall(frame(FrameType.EXEC_RESULT, fid, struct.pack("<iIIQ", 3, 3, 1, 1_500_000_000) + b"hi\nE"))
+        s.sendall(
+            frame(
+                FrameType.EXEC_RESULT, fid, struct.pack("<iIIQ", 3, 3, 1, 1_500_000_000) + b"hi\nE"
+            )
+        )
 
     th = serve(guest, script)
     assert agent.wait_ready(5) == "6.1.0"
