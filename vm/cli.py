@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from .accel import ACCELS
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB")
     r.add_argument("--cpus", type=int, default=2)
     r.add_argument(
+        "--kernel",
+        type=Path,
+        default=None,
+        help="boot this bzImage instead of the built guest kernel",
+    )
+    r.add_argument(
         "--kernel-arg",
         action="append",
         default=[],
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return int(args.func(args))

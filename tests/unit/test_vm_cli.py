@@ -1,0 +1,66 @@
+"""pyvirtiofsd-vm's run command, with the Machine replaced by a recording fake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from pyvirtiofsd.vm import cli
+from pyvirtiofsd.vm.agent import CommandResult
+from pyvirtiofsd.vm.machine import MachineConfig
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, command: str, **kw: Any) -> CommandResult:
+        self.commands.append(command)
+        return CommandResult(command, 3, b"guest out\n", b"")
+
+
+class FakeMachine:
+    seen: list[FakeMachine] = []
+
+    def __init__(self, config: MachineConfig, name: str = "guest") -> None:
+        self.config = config
+        self.agent = FakeAgent()
+        self.boot_seconds = 1.0
+        self.accel = "tcg"
+        self.log_dir = Path("/nonexistent")
+        FakeMachine.seen.append(self)
+
+    def __enter__(self) -> FakeMachine:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        pass
+
+
+def test_run_passes_options_and_returns_the_guest_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "Machine", FakeMachine)
+    FakeMachine.seen.clear()
+    rc = cli.main(["run", "--share", f"{tmp_path}:data", "--backend", "9p", "--iommu-platform",
+                   "--queues", "2", "--kernel", "/k/bzImage", "--kernel-arg", "swiotlb=force",
+                   "--cmd", "ls /mnt/data"])  # fmt: skip
+    assert rc == 3
+    assert capsys.readouterr().out == "guest out\n"
+    (vm,) = FakeMachine.seen
+    (share,) = vm.config.shares
+    assert (share.host_dir, share.tag, share.backend) == (tmp_path, "data", "9p")
+    assert share.iommu_platform and share.num_request_queues == 2
+    assert vm.config.kernel == Path("/k/bzImage")
+    assert list(vm.config.kernel_args) == ["swiotlb=force"]
+    assert not vm.config.interactive
+    assert vm.agent.commands == ["ls /mnt/data"]
+
+
+def test_run_refuses_a_missing_share(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--share", str(tmp_path / "nope"), "--cmd", "true"]) == 2
+    assert "not a directory" in capsys.readouterr().err
