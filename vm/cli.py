@@ -24,6 +24,7 @@ from .initramfs import InitramfsError, build_initramfs
 from .kernel import KernelBuildError, build_kernel
 from .machine import Machine, MachineConfig, MachineError
 from .shares import BACKENDS, DEFAULT_BACKEND, Share
+from .swiotlb import DMA_MODES
 
 SMOKE_COMMAND = (
     "uname -r; grep -E ' (virtiofs|9p) ' /proc/mounts; for d in /mnt/*; do ls -la $d; done"
@@ -69,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         accel=args.accel,
         kernel_args=args.kernel_arg,
         kernel=args.kernel,
+        dma_mode=args.dma_mode,
         interactive=interactive,
     )
     with Machine(config, name="dev") as vm:
@@ -133,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accel", choices=ACCELS, default="auto")
     r.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB")
     r.add_argument("--cpus", type=int, default=2)
+    r.add_argument(
+        "--dma-mode",
+        choices=DMA_MODES,
+        default="off",
+        help="off: plain virtio; shared: iommu_platform=on + swiotlb=force (one global pool); "
+        "per-device: each share gets its own swiotlb window (patched guest kernel)",
+    )
     r.add_argument(
         "--kernel",
         type=Path,

@@ -15,14 +15,14 @@ import socket
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from . import debian
+from . import debian, swiotlb
 from .accel import choose_accel
 from .agent import AgentError, CommandResult, GuestAgent
 from .debian import build_debian_root
@@ -54,6 +54,7 @@ class MachineConfig:
     qemu: str = QEMU_BINARY
     kernel: Path | None = None  # a bzImage to boot instead of the built, cached one
     debian: bool = False  # Debian 12 userland at /debian (see vm/debian.py)
+    dma_mode: str = "off"  # "off" | "shared" | "per-device" (see vm/swiotlb.py)
     extra_qemu_args: Sequence[str] = field(default_factory=tuple)
 
 
@@ -73,6 +74,7 @@ class Machine:
         self._qmp: QEMUMonitorProtocol | None = None
         self._agent: GuestAgent | None = None
         self.accel: str | None = None
+        self.dma: swiotlb.PerDeviceDma | None = None
         self.boot_seconds: float | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -113,6 +115,16 @@ class Machine:
 
     def start(self) -> None:
         cfg = self.config
+        if cfg.dma_mode not in swiotlb.DMA_MODES:
+            raise MachineError(f"unknown DMA mode {cfg.dma_mode!r}")
+        kernel_args = (*swiotlb.kernel_args(cfg.dma_mode), *cfg.kernel_args)
+        shares = list(cfg.shares)
+        if cfg.dma_mode == "shared":
+            shares = [replace(s, iommu_platform=True) for s in shares]
+        # per-device: vhost-user shares are hot-plugged after boot, each with
+        # its own window (the guest must know the assignment before probing)
+        late = [s for s in shares if cfg.dma_mode == "per-device" and s.backend != "9p"]
+        cold = [s for s in shares if s not in late]
         bzimage = cfg.kernel if cfg.kernel is not None else build_kernel().bzimage
         initrd = build_initramfs(cfg.extra_files)
         self.accel = choose_accel(cfg.accel, bzimage)
@@ -124,7 +136,7 @@ class Machine:
         if cfg.debian:
             root = Share(build_debian_root(), debian.ROOT_TAG, backend="9p", readonly=True)
             ninep.append(ninep_device(root, "debian-root"))
-        for i, share in enumerate(cfg.shares):
+        for i, share in enumerate(cold):
             dev_id = f"fs{i}"
             if share.backend == "9p":
                 ninep.append(ninep_device(share, dev_id))
@@ -149,7 +161,7 @@ class Machine:
                 memory_mib=cfg.memory_mib,
                 cpus=cfg.cpus,
                 accel=self.accel,
-                kernel_args=tuple(cfg.kernel_args),
+                kernel_args=kernel_args,
                 fs_devices=tuple(fs_devices),
                 ninep_shares=tuple(ninep),
                 interactive=cfg.interactive,
@@ -183,8 +195,17 @@ class Machine:
         if cfg.debian:
             self.agent.run(debian.mount_script(), timeout=60, check=True)
         if cfg.mount_shares:
-            for share in cfg.shares:
+            for share in cold:
                 self.mount(share)
+                if cfg.debian:
+                    self.agent.run(debian.bind_share_script(share.tag), check=True)
+        if cfg.dma_mode == "per-device":
+            self.dma = swiotlb.PerDeviceDma(self)
+            used = {s.addr for s in late if s.addr is not None}
+            free_slots = (n for n in range(0x8, 0x20) if n not in used)
+            for i, share in enumerate(late):
+                slot = share.addr if share.addr is not None else next(free_slots)
+                self.dma.attach_share(share, f"fs{len(cold) + i}", slot)
                 if cfg.debian:
                     self.agent.run(debian.bind_share_script(share.tag), check=True)
 
@@ -230,20 +251,37 @@ class Machine:
             self.qmp_command("chardev-remove", id=f"chr-{device_id}")
             raise
         if mount:
-            # ACPI hotplug binds the device asynchronously and 6.1 publishes no
-            # event for "virtio-fs tag registered": retry the mount in the
-            # guest, bounded (like `udevadm settle`), until the tag is known.
-            cmd = share.mount_command()
-            retry = f"for i in $(seq 300); do {cmd} 2>/dev/null && exit 0; sleep 0.1; done; {cmd}"
-            r = self.agent.run(retry, timeout=60)
-            if r.status != 0:
-                raise MachineError(
-                    f"hot-plugged {device_id} never became mountable: "
-                    f"{r.stderr.decode(errors='replace').strip()}"
-                )
+            self.mount_when_ready(share)
         return daemon
 
-    def unplug(self, device_id: str, timeout: float = 30.0) -> None:
+    def mount_when_ready(self, share: Share) -> None:
+        """Mount a just hot-plugged share once the guest has bound its device.
+
+        ACPI hotplug binds the device asynchronously and 6.1 publishes no event
+        for "virtio-fs tag registered": retry the mount in the guest, bounded
+        (like ``udevadm settle``), until the tag is known.
+        """
+        cmd = share.mount_command()
+        retry = f"for i in $(seq 300); do {cmd} 2>/dev/null && exit 0; sleep 0.1; done; {cmd}"
+        r = self.agent.run(retry, timeout=60)
+        if r.status != 0:
+            raise MachineError(
+                f"hot-plugged share {share.tag} never became mountable: "
+                f"{r.stderr.decode(errors='replace').strip()}"
+            )
+
+    def wait_for_pci(self, address: str, timeout: float = 30.0) -> None:
+        """Wait (bounded, in the guest) until a hot-plugged PCI device has a driver."""
+        path = f"/sys/bus/pci/devices/{address}/driver"
+        steps = int(timeout * 10)
+        r = self.agent.run(
+            f"for i in $(seq {steps}); do [ -e {path} ] && exit 0; sleep 0.1; done; exit 1",
+            timeout=timeout + 10,
+        )
+        if r.status != 0:
+            raise MachineError(f"no driver bound {address} within {timeout:.0f} s")
+
+    def unplug(self, device_id: str, timeout: float = 30.0, *, remove_chardev: bool = True) -> None:
         """``device_del`` and wait for QEMU's DEVICE_DELETED (the guest released it)."""
         self.qmp.clear_events()
         self.qmp_command("device_del", id=device_id)
@@ -259,7 +297,8 @@ class Machine:
                 and event.get("data", {}).get("device") == device_id
             ):
                 break
-        self.qmp_command("chardev-remove", id=f"chr-{device_id}")
+        if remove_chardev:
+            self.qmp_command("chardev-remove", id=f"chr-{device_id}")
 
     def debian_run(
         self, command: str, *, timeout: float = 600.0, check: bool = False

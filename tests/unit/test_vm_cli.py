@@ -47,8 +47,8 @@ def test_run_passes_options_and_returns_the_guest_status(
     monkeypatch.setattr(cli, "Machine", FakeMachine)
     FakeMachine.seen.clear()
     rc = cli.main(["run", "--share", f"{tmp_path}:data", "--backend", "9p", "--iommu-platform",
-                   "--queues", "2", "--kernel", "/k/bzImage", "--kernel-arg", "swiotlb=force",
-                   "--cmd", "ls /mnt/data"])  # fmt: skip
+                   "--queues", "2", "--dma-mode", "shared", "--kernel", "/k/bzImage",
+                   "--kernel-arg", "swiotlb=force", "--cmd", "ls /mnt/data"])  # fmt: skip
     assert rc == 3
     assert capsys.readouterr().out == "guest out\n"
     (vm,) = FakeMachine.seen
@@ -58,6 +58,7 @@ def test_run_passes_options_and_returns_the_guest_status(
     assert vm.config.kernel == Path("/k/bzImage")
     assert list(vm.config.kernel_args) == ["swiotlb=force"]
     assert not vm.config.interactive
+    assert vm.config.dma_mode == "shared"
     assert vm.agent.commands == ["ls /mnt/data"]
 
 
