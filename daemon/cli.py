@@ -112,13 +112,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OPTS",
         help="virtiofsd-style comma-separated options: source=DIR, cache=MODE, "
-        "log_level=LEVEL, xattr|no_xattr (others are ignored with a warning)",
+        "log_level=LEVEL, xattr, posix_lock, flock, writeback (and no_*)",
     )
     ap.add_argument(
         "--cache",
         choices=("auto", "always", "never", "none"),
         default="auto",
         help="guest cache policy: attr/entry timeouts (default auto)",
+    )
+    ap.add_argument(
+        "--xattr", action="store_true", help="pass extended attributes through (default: ENOSYS)"
+    )
+    ap.add_argument(
+        "--writeback",
+        action="store_true",
+        help="let the guest use its writeback cache (FUSE_WRITEBACK_CACHE)",
+    )
+    ap.add_argument(
+        "--posix-lock",
+        dest="posix_lock",
+        action="store_true",
+        help="host-visible POSIX locks (default: the guest kernel locks locally; "
+        "with this, blocking waits are answered EDEADLK after a short wait)",
+    )
+    ap.add_argument("--flock", action="store_true", help="host-visible flock() locks")
+    ap.add_argument(
+        "--allow-device-nodes",
+        action="store_true",
+        help="let the guest create character/block device nodes (default: EPERM)",
     )
     ap.add_argument("--readonly", action="store_true", help="refuse every modification")
     ap.add_argument(
@@ -177,19 +198,12 @@ def apply_compat_options(args: argparse.Namespace) -> None:
                 if value not in LOG_LEVELS:
                     raise SystemExit(f"pyvirtiofsd: bad log_level {value!r}")
                 args.log_level = value
-            elif key in (
-                "xattr",
-                "no_xattr",
-                "flock",
-                "no_flock",
-                "posix_lock",
-                "no_posix_lock",
-                "readdirplus",
-                "no_readdirplus",
-                "writeback",
-                "no_writeback",
-            ):
-                log.warning("option -o %s is not implemented yet; ignored", key)
+            elif key in ("xattr", "posix_lock", "flock", "writeback"):
+                setattr(args, key, True)
+            elif key in ("no_xattr", "no_posix_lock", "no_flock", "no_writeback"):
+                setattr(args, key.removeprefix("no_"), False)
+            elif key in ("readdirplus", "no_readdirplus"):
+                log.warning("option -o %s is not implemented; ignored", key)
             elif key == "sandbox":
                 if value != "none":
                     log.warning("sandbox=%s is not implemented; running without a sandbox", value)
@@ -250,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         shared_dir=shared.resolve(),
         cache=args.cache,
         readonly=args.readonly,
+        xattr=args.xattr,
+        writeback=args.writeback,
+        posix_locks=args.posix_lock,
+        flock=args.flock,
+        allow_device_nodes=args.allow_device_nodes,
         num_request_queues=args.num_request_queues,
         window=args.swiotlb,
         keep_listening=args.keep_listening,

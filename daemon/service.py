@@ -36,6 +36,11 @@ class ServiceConfig:
     shared_dir: Path
     cache: str = "auto"
     readonly: bool = False
+    xattr: bool = False
+    writeback: bool = False
+    posix_locks: bool = False
+    flock: bool = False
+    allow_device_nodes: bool = False
     num_request_queues: int = 16
     window: tuple[int, int] | None = None
     keep_listening: bool = False
@@ -44,7 +49,17 @@ class ServiceConfig:
 def make_device(config: ServiceConfig) -> FsDevice:
     """A fresh device (and filesystem session) for one front-end connection."""
     entry_timeout, attr_timeout = CACHE_TIMEOUTS[config.cache]
-    fs = PassthroughFs(config.shared_dir, entry_timeout=entry_timeout, attr_timeout=attr_timeout)
+    fs = PassthroughFs(
+        config.shared_dir,
+        entry_timeout=entry_timeout,
+        attr_timeout=attr_timeout,
+        readonly=config.readonly,
+        xattr=config.xattr,
+        writeback=config.writeback,
+        posix_locks=config.posix_locks,
+        flock=config.flock,
+        allow_device_nodes=config.allow_device_nodes,
+    )
     session = FuseSession(fs)
     return FsDevice(session, num_request_queues=config.num_request_queues, window=config.window)
 

@@ -135,6 +135,33 @@ class OpenOutFlag(enum.IntFlag):
 
 
 GETATTR_FH = 1 << 0
+
+# fuse_setattr_in.valid
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+# fuse_write_in.write_flags
+WRITE_CACHE = 1 << 0
+WRITE_LOCKOWNER = 1 << 1
+WRITE_KILL_SUIDGID = 1 << 2  # "FUSE_WRITE_KILL_PRIV" before 7.31
+
+# fuse_open_in.open_flags / fuse_create_in.open_flags
+OPEN_KILL_SUIDGID = 1 << 0
+
+FSYNC_FDATASYNC = 1 << 0
+LK_FLOCK = 1 << 0
+#: ``OFFSET_MAX`` of the guest kernel: a lock "to end of file".
+OFFSET_MAX = (1 << 63) - 1
 RELEASE_FLUSH = 1 << 0
 RELEASE_FLOCK_UNLOCK = 1 << 1
 READ_LOCKOWNER = 1 << 1
@@ -410,6 +437,176 @@ class GetxattrOut(NamedTuple):
 GETXATTR_OUT = Layout(GetxattrOut, "<II")
 
 
+class SetattrIn(NamedTuple):
+    valid: int  # FATTR_* bits
+    padding: int
+    fh: int
+    size: int
+    lock_owner: int
+    atime: int
+    mtime: int
+    ctime: int
+    atimensec: int
+    mtimensec: int
+    ctimensec: int
+    mode: int
+    unused4: int
+    uid: int
+    gid: int
+    unused5: int
+
+
+SETATTR_IN = Layout(SetattrIn, "<IIQQQQQQIIIIIIII")
+
+
+class MknodIn(NamedTuple):
+    mode: int
+    rdev: int  # new_encode_dev() form
+    umask: int
+    padding: int
+
+
+MKNOD_IN = Layout(MknodIn, "<IIII")
+
+
+class MkdirIn(NamedTuple):
+    mode: int
+    umask: int
+
+
+MKDIR_IN = Layout(MkdirIn, "<II")
+
+
+class RenameIn(NamedTuple):
+    newdir: int
+
+
+RENAME_IN = Layout(RenameIn, "<Q")
+
+
+class Rename2In(NamedTuple):
+    newdir: int
+    flags: int  # RENAME_NOREPLACE / EXCHANGE / WHITEOUT
+    padding: int
+
+
+RENAME2_IN = Layout(Rename2In, "<QII")
+
+
+class LinkIn(NamedTuple):
+    oldnodeid: int
+
+
+LINK_IN = Layout(LinkIn, "<Q")
+
+
+class CreateIn(NamedTuple):
+    flags: int
+    mode: int
+    umask: int
+    open_flags: int  # FUSE_OPEN_KILL_SUIDGID (7.33)
+
+
+CREATE_IN = Layout(CreateIn, "<IIII")
+
+
+class FsyncIn(NamedTuple):
+    """FSYNC and FSYNCDIR."""
+
+    fh: int
+    fsync_flags: int
+    padding: int
+
+
+FSYNC_IN = Layout(FsyncIn, "<QII")
+
+
+class SetxattrIn(NamedTuple):
+    """Without FUSE_SETXATTR_EXT (which we do not negotiate): 8 bytes."""
+
+    size: int
+    flags: int
+
+
+SETXATTR_IN = Layout(SetxattrIn, "<II")
+
+
+class FileLock(NamedTuple):
+    """fuse_file_lock: ``end`` is inclusive, OFFSET_MAX means "to EOF"."""
+
+    start: int
+    end: int
+    type: int
+    pid: int
+
+
+class LkIn(NamedTuple):
+    fh: int
+    owner: int
+    start: int
+    end: int
+    type: int
+    pid: int
+    lk_flags: int
+    padding: int
+
+    @property
+    def lock(self) -> FileLock:
+        return FileLock(self.start, self.end, self.type, self.pid)
+
+
+LK_IN = Layout(LkIn, "<QQQQIIII")
+LK_OUT = Layout(FileLock, "<QQII")
+
+
+class FallocateIn(NamedTuple):
+    fh: int
+    offset: int
+    length: int
+    mode: int
+    padding: int
+
+
+FALLOCATE_IN = Layout(FallocateIn, "<QQQII")
+
+
+class LseekIn(NamedTuple):
+    fh: int
+    offset: int
+    whence: int
+    padding: int
+
+
+LSEEK_IN = Layout(LseekIn, "<QQII")
+
+
+class LseekOut(NamedTuple):
+    offset: int
+
+
+LSEEK_OUT = Layout(LseekOut, "<Q")
+
+
+class CopyFileRangeIn(NamedTuple):
+    fh_in: int
+    off_in: int
+    nodeid_out: int
+    fh_out: int
+    off_out: int
+    len: int
+    flags: int
+
+
+COPY_FILE_RANGE_IN = Layout(CopyFileRangeIn, "<QQQQQQQ")
+
+
+class SyncfsIn(NamedTuple):
+    padding: int
+
+
+SYNCFS_IN = Layout(SyncfsIn, "<Q")
+
+
 class InterruptIn(NamedTuple):
     unique: int
 
@@ -493,4 +690,11 @@ assert WRITE_IN.size == 40
 assert RELEASE_IN.size == 24
 assert FLUSH_IN.size == 24
 assert KSTATFS.size == 80
+assert SETATTR_IN.size == 88
+assert MKNOD_IN.size == 16 and MKDIR_IN.size == 8 and CREATE_IN.size == 16
+assert RENAME2_IN.size == 16 and LINK_IN.size == 8
+assert FSYNC_IN.size == 16 and SETXATTR_IN.size == 8
+assert LK_IN.size == 48 and LK_OUT.size == 24
+assert FALLOCATE_IN.size == 32 and LSEEK_IN.size == 24
+assert COPY_FILE_RANGE_IN.size == 56
 assert DIRENT_NAME_OFFSET == 24

@@ -14,6 +14,17 @@ place (:meth:`FuseSession._dispatch`):
 Requests without a reply (FORGET, BATCH_FORGET, INTERRUPT) return 0 used
 bytes.  So does a request whose writable part cannot hold the reply: nothing
 usable can be written, the failure is logged.
+
+Opcodes that answer ENOSYS (the guest then stops sending most of them or
+falls back):
+
+* BMAP (block-device-backed fuseblk only), IOCTL, POLL;
+* NOTIFY_REPLY (we never send notifications), SETUPMAPPING/REMOVEMAPPING
+  (DAX is not offered), TMPFILE (the guest then answers O_TMPFILE with
+  EOPNOTSUPP);
+* GETXATTR/SETXATTR/LISTXATTR/REMOVEXATTR when the filesystem was built
+  without ``xattr`` (the guest remembers and stops asking);
+* any opcode this table does not know.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from ..passthrough.filesystem import PassthroughFs, RequestContext
+# The module, not its names: importing the passthrough package first imports
+# this one half-way through it (filesystem.py needs ..fuse.abi).
+from ..passthrough import filesystem as _pfs
 from . import abi
 from .abi import InHeader, InitFlag, InitOut, Opcode
 from .errors import (
@@ -35,7 +48,7 @@ from .errors import (
     UnsupportedOperation,
 )
 
-__all__ = ["DEFAULT_INIT_FLAGS", "FuseSession", "RequestChain"]
+__all__ = ["DEFAULT_INIT_FLAGS", "FuseSession", "RequestChain", "wanted_init_flags"]
 
 logger = logging.getLogger("pyvirtiofsd.fuse")
 
@@ -78,6 +91,11 @@ _Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
 #: What we ask for at INIT (each only if the kernel offers it):
 #:
 #: * ASYNC_READ: several READs of one file may be in flight (we are threaded).
+#: * POSIX_LOCKS, FLOCK_LOCKS: fcntl and flock locks are served (as host OFD
+#:   and flock locks) so that they are seen by host processes as well; see
+#:   ``PassthroughFs.setlk`` for how SETLKW avoids blocking a queue.
+#: * ATOMIC_O_TRUNC: OPEN carries O_TRUNC and truncates as the caller, with
+#:   FUSE_OPEN_KILL_SUIDGID honoured, in one step instead of OPEN + SETATTR.
 #: * BIG_WRITES: writes larger than a page (implied by modern kernels).
 #: * AUTO_INVAL_DATA: the host may change files behind the guest's back; drop
 #:   cached pages when mtime/size change.
@@ -86,25 +104,56 @@ _Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
 #: * ASYNC_DIO: direct I/O may be split into parallel requests.
 #: * PARALLEL_DIROPS: lookups and readdirs of one directory may run at once;
 #:   the inode table is thread-safe.
+#: * HANDLE_KILLPRIV_V2: the guest tells us (WRITE_KILL_SUIDGID,
+#:   FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID) when its caller lacks
+#:   CAP_FSETID, and we let the host kernel clear setuid/setgid/caps as it
+#:   would for that caller.  Without it the guest turns the kill into a
+#:   SETATTR(mode) sent as the writer, which a non-owner may not do.
 #: * MAX_PAGES: honour our max_pages (and so large READs/WRITEs).
 #: * CACHE_SYMLINKS: a symlink's target never changes without a new inode.
 #:
-#: Not asked: POSIX/FLOCK locks, ATOMIC_O_TRUNC, WRITEBACK_CACHE and
-#: HANDLE_KILLPRIV(_V2) (no writes yet), EXPORT_SUPPORT (we refuse lookups of
-#: ``.``/``..``), POSIX_ACL, SUBMOUNTS (the share is served as one device),
-#: INIT_EXT (nothing in flags2 is wanted: no DAX, no security context),
+#: Not asked: WRITEBACK_CACHE unless the filesystem was built with
+#: ``writeback`` (the host then cannot see guest writes until they are
+#: flushed; :func:`wanted_init_flags` adds it), HANDLE_KILLPRIV (v1: kill on
+#: every write, even by a caller with CAP_FSETID), DONT_MASK (the guest
+#: applies the umask; we create with exactly the mode it sends),
+#: EXPORT_SUPPORT (we refuse lookups of ``.``/``..``), POSIX_ACL, SUBMOUNTS
+#: (the share is served as one device), INIT_EXT (nothing in flags2 is
+#: wanted: no DAX, no security context), SETXATTR_EXT (needs INIT_EXT),
 #: SPLICE_* (meaningless over virtio), EXPLICIT_INVAL_DATA (contradicts AUTO).
 DEFAULT_INIT_FLAGS = (
     InitFlag.ASYNC_READ
+    | InitFlag.POSIX_LOCKS
+    | InitFlag.ATOMIC_O_TRUNC
     | InitFlag.BIG_WRITES
+    | InitFlag.FLOCK_LOCKS
     | InitFlag.AUTO_INVAL_DATA
     | InitFlag.DO_READDIRPLUS
     | InitFlag.READDIRPLUS_AUTO
     | InitFlag.ASYNC_DIO
     | InitFlag.PARALLEL_DIROPS
+    | InitFlag.HANDLE_KILLPRIV_V2
     | InitFlag.MAX_PAGES
     | InitFlag.CACHE_SYMLINKS
 )
+
+
+def wanted_init_flags(fs: _pfs.PassthroughFs) -> InitFlag:
+    """DEFAULT_INIT_FLAGS plus what the filesystem's options ask for."""
+    flags = DEFAULT_INIT_FLAGS
+    if fs.writeback and not fs.readonly:
+        flags |= InitFlag.WRITEBACK_CACHE
+    # Host-visible locks are opt-in (virtiofsd's no_posix_lock/no_flock
+    # defaults): a 6.1 guest sends everything on one queue, so a blocking
+    # SETLKW cannot wait there for the unlock behind it and is answered with
+    # EDEADLK after a short wait. Without these flags the guest kernel does
+    # the locking itself, with correct blocking semantics.
+    if not fs.posix_locks:
+        flags &= ~InitFlag.POSIX_LOCKS
+    if not fs.flock:
+        flags &= ~InitFlag.FLOCK_LOCKS
+    return flags
+
 
 _HANDLERS: dict[int, _Handler] = {}
 
@@ -127,21 +176,36 @@ def _name(body: bytes) -> bytes:
     return name
 
 
+def _two_names(body: bytes) -> tuple[bytes, bytes]:
+    """The body as exactly two NUL-terminated strings."""
+    if not body or body[-1] != 0:
+        raise MalformedRequest("second name is not NUL-terminated")
+    first, sep, rest = body.partition(b"\0")
+    if not sep or not rest:
+        raise MalformedRequest("second name missing")
+    return first, _name(rest)
+
+
+def _ctx(hdr: InHeader) -> _pfs.RequestContext:
+    return _pfs.RequestContext(hdr.uid, hdr.gid, hdr.pid)
+
+
 class FuseSession:
     """The FUSE protocol state of one virtio-fs device.
 
     ``max_write`` (bytes, >= 4096) and ``max_pages`` (1..65535, the kernel
     caps it at 256) are announced at INIT and bound the size of one
-    READ/WRITE; ``init_flags`` is the set of :class:`InitFlag` we want.
+    READ/WRITE; ``init_flags`` is the set of :class:`InitFlag` we want
+    (default: :func:`wanted_init_flags` of ``fs``).
     """
 
     def __init__(
         self,
-        fs: PassthroughFs,
+        fs: _pfs.PassthroughFs,
         *,
         max_write: int = 1 << 20,
         max_pages: int = 256,
-        init_flags: InitFlag = DEFAULT_INIT_FLAGS,
+        init_flags: InitFlag | None = None,
     ) -> None:
         if max_write < 4096 or max_write > 0xFFFF_FFFF:
             raise ValueError(f"max_write {max_write} out of range")
@@ -150,7 +214,7 @@ class FuseSession:
         self.fs = fs
         self.max_write = max_write
         self.max_pages = max_pages
-        self.init_flags = init_flags
+        self.init_flags = wanted_init_flags(fs) if init_flags is None else init_flags
         self._state_lock = threading.Lock()
         self.initialized = False
         self.proto_minor = 0
@@ -378,7 +442,8 @@ class FuseSession:
 
     @_op(Opcode.OPEN)
     def _open(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        return abi.OPEN_OUT.encode(self.fs.open(hdr.nodeid, abi.OPEN_IN.decode(body).flags))
+        arg = abi.OPEN_IN.decode(body)
+        return abi.OPEN_OUT.encode(self.fs.open(hdr.nodeid, arg.flags, _ctx(hdr), arg.open_flags))
 
     @_op(Opcode.READ)
     def _read(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
@@ -392,12 +457,14 @@ class FuseSession:
 
     @_op(Opcode.FLUSH)
     def _flush(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        self.fs.flush(abi.FLUSH_IN.decode(body).fh)
+        arg = abi.FLUSH_IN.decode(body)
+        self.fs.flush(arg.fh, arg.lock_owner)
         return b""
 
     @_op(Opcode.RELEASE)
     def _release(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        self.fs.release(abi.RELEASE_IN.decode(body).fh)
+        arg = abi.RELEASE_IN.decode(body)
+        self.fs.release(arg.fh, arg.release_flags, arg.lock_owner)
         return b""
 
     @_op(Opcode.OPENDIR)
@@ -426,5 +493,178 @@ class FuseSession:
     @_op(Opcode.ACCESS)
     def _access(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         mask = abi.ACCESS_IN.decode(body).mask
-        self.fs.access(hdr.nodeid, mask, RequestContext(hdr.uid, hdr.gid, hdr.pid))
+        self.fs.access(hdr.nodeid, mask, _ctx(hdr))
+        return b""
+
+    # --- modifying operations ---------------------------------------------------
+
+    @_op(Opcode.SETATTR)
+    def _setattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.SETATTR_IN.decode(body)
+        return self.fs.setattr(hdr.nodeid, arg, _ctx(hdr)).encode()
+
+    @_op(Opcode.MKNOD)
+    def _mknod(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.MKNOD_IN.decode(body)
+        name = _name(body[abi.MKNOD_IN.size :])
+        return self.fs.mknod(hdr.nodeid, name, arg.mode, arg.rdev, _ctx(hdr)).encode()
+
+    @_op(Opcode.MKDIR)
+    def _mkdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.MKDIR_IN.decode(body)
+        name = _name(body[abi.MKDIR_IN.size :])
+        return self.fs.mkdir(hdr.nodeid, name, arg.mode, _ctx(hdr)).encode()
+
+    @_op(Opcode.SYMLINK)
+    def _symlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        name, target = _two_names(body)  # the new entry's name first, then the target
+        return self.fs.symlink(hdr.nodeid, name, target, _ctx(hdr)).encode()
+
+    @_op(Opcode.LINK)
+    def _link(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.LINK_IN.decode(body)
+        name = _name(body[abi.LINK_IN.size :])
+        return self.fs.link(arg.oldnodeid, hdr.nodeid, name, _ctx(hdr)).encode()
+
+    @_op(Opcode.UNLINK)
+    def _unlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.unlink(hdr.nodeid, _name(body), _ctx(hdr))
+        return b""
+
+    @_op(Opcode.RMDIR)
+    def _rmdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.rmdir(hdr.nodeid, _name(body), _ctx(hdr))
+        return b""
+
+    @_op(Opcode.RENAME)
+    def _rename(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.RENAME_IN.decode(body)
+        old, new = _two_names(body[abi.RENAME_IN.size :])
+        self.fs.rename(hdr.nodeid, old, arg.newdir, new, 0, _ctx(hdr))
+        return b""
+
+    @_op(Opcode.RENAME2)
+    def _rename2(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.RENAME2_IN.decode(body)
+        old, new = _two_names(body[abi.RENAME2_IN.size :])
+        self.fs.rename(hdr.nodeid, old, arg.newdir, new, arg.flags, _ctx(hdr))
+        return b""
+
+    @_op(Opcode.CREATE)
+    def _create(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.CREATE_IN.decode(body)
+        name = _name(body[abi.CREATE_IN.size :])
+        entry, opened = self.fs.create(
+            hdr.nodeid, name, arg.flags, arg.mode, _ctx(hdr), arg.open_flags
+        )
+        return entry.encode() + abi.OPEN_OUT.encode(opened)
+
+    @_op(Opcode.WRITE)
+    def _write(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.WRITE_IN.decode(body)
+        start = abi.IN_HEADER.size + abi.WRITE_IN.size
+        if arg.size > hdr.len - start:
+            raise MalformedRequest(
+                f"WRITE of {arg.size} bytes carries {hdr.len - start} payload bytes"
+            )
+
+        def source(fd: int, file_offset: int, length: int) -> int:
+            return chain.pwritev(fd, file_offset, length, start)
+
+        written = self.fs.write(arg.fh, arg.offset, arg.size, arg.write_flags, source, _ctx(hdr))
+        return abi.WRITE_OUT.encode(abi.WriteOut(written, 0))
+
+    @_op(Opcode.FSYNC)
+    def _fsync(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.FSYNC_IN.decode(body)
+        self.fs.fsync(arg.fh, bool(arg.fsync_flags & abi.FSYNC_FDATASYNC))
+        return b""
+
+    @_op(Opcode.FSYNCDIR)
+    def _fsyncdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.FSYNC_IN.decode(body)
+        self.fs.fsync(arg.fh, bool(arg.fsync_flags & abi.FSYNC_FDATASYNC), isdir=True)
+        return b""
+
+    @_op(Opcode.FALLOCATE)
+    def _fallocate(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.FALLOCATE_IN.decode(body)
+        self.fs.fallocate(arg.fh, arg.offset, arg.length, arg.mode, _ctx(hdr))
+        return b""
+
+    @_op(Opcode.LSEEK)
+    def _lseek(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.LSEEK_IN.decode(body)
+        offset = self.fs.lseek(arg.fh, arg.offset, arg.whence)
+        return abi.LSEEK_OUT.encode(abi.LseekOut(offset))
+
+    @_op(Opcode.COPY_FILE_RANGE)
+    def _copy_file_range(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.COPY_FILE_RANGE_IN.decode(body)
+        copied = self.fs.copy_file_range(
+            arg.fh_in, arg.off_in, arg.fh_out, arg.off_out, arg.len, arg.flags, _ctx(hdr)
+        )
+        return abi.WRITE_OUT.encode(abi.WriteOut(copied, 0))
+
+    @_op(Opcode.SYNCFS)
+    def _syncfs(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        abi.SYNCFS_IN.decode(body)
+        self.fs.syncfs(hdr.nodeid)
+        return b""
+
+    # --- extended attributes ----------------------------------------------------
+
+    @_op(Opcode.SETXATTR)
+    def _setxattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.SETXATTR_IN.decode(body)
+        name, sep, value = body[abi.SETXATTR_IN.size :].partition(b"\0")
+        if not sep:
+            raise MalformedRequest("xattr name is not NUL-terminated")
+        if len(value) != arg.size:
+            raise MalformedRequest(f"xattr value of {len(value)} bytes, {arg.size} announced")
+        self.fs.setxattr(hdr.nodeid, name, value, arg.flags, _ctx(hdr))
+        return b""
+
+    @_op(Opcode.GETXATTR)
+    def _getxattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.GETXATTR_IN.decode(body)
+        name = _name(body[abi.GETXATTR_IN.size :])
+        return self._xattr_reply(self.fs.getxattr(hdr.nodeid, name, arg.size))
+
+    @_op(Opcode.LISTXATTR)
+    def _listxattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.GETXATTR_IN.decode(body)
+        return self._xattr_reply(self.fs.listxattr(hdr.nodeid, arg.size))
+
+    @staticmethod
+    def _xattr_reply(result: bytes | int) -> bytes:
+        """Size probing (request size 0) answers fuse_getxattr_out, else the data."""
+        if isinstance(result, int):
+            return abi.GETXATTR_OUT.encode(abi.GetxattrOut(result, 0))
+        return result
+
+    @_op(Opcode.REMOVEXATTR)
+    def _removexattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        self.fs.removexattr(hdr.nodeid, _name(body), _ctx(hdr))
+        return b""
+
+    # --- locks --------------------------------------------------------------------
+
+    @_op(Opcode.GETLK)
+    def _getlk(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        arg = abi.LK_IN.decode(body)
+        return abi.LK_OUT.encode(self.fs.getlk(hdr.nodeid, arg.fh, arg.owner, arg.lock))
+
+    @_op(Opcode.SETLK)
+    def _setlk(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return self._lock(hdr, body, wait=False)
+
+    @_op(Opcode.SETLKW)
+    def _setlkw(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
+        return self._lock(hdr, body, wait=True)
+
+    def _lock(self, hdr: InHeader, body: bytes, *, wait: bool) -> Reply:
+        arg = abi.LK_IN.decode(body)
+        flock = bool(arg.lk_flags & abi.LK_FLOCK)
+        self.fs.setlk(hdr.nodeid, arg.fh, arg.owner, arg.lock, flock=flock, wait=wait)
         return b""

@@ -6,52 +6,90 @@ Security model (what keeps the guest inside the share):
   component at a time with ``openat(parent_fd, name)``, never by building a
   path string from the root.  A name must be a single component: empty, ``.``,
   ``..`` and anything containing ``/`` or NUL is refused with EINVAL, so a
-  lookup can never climb above the root.
+  lookup can never climb above the root.  Operations on names (create,
+  unlink, rename, link) act on ``(parent_fd, name)`` pairs, so RENAME and
+  LINK across directories never build a path either.
 * Symlinks are opened with ``O_NOFOLLOW`` and handed to the guest as
   symlinks; the host never follows them (READLINK returns the target text, the
   guest resolves it in its own namespace, which again lands on LOOKUPs here).
-  A LOOKUP *under* a symlink node fails with ENOTDIR from ``openat``.
+  A LOOKUP *under* a symlink node fails with ENOTDIR from ``openat``; CREATE
+  over an existing symlink fails with ELOOP.
 * O_PATH fds are turned into real fds by reopening ``/proc/self/fd/N`` (as
-  virtiofsd does), which reaches the very inode the O_PATH fd holds.
+  virtiofsd does), which reaches the very inode the O_PATH fd holds.  The
+  same "magic link" gives path-based calls their target without following a
+  symlink the inode may be: it lands on the symlink itself (chmod of a
+  symlink node is refused with EOPNOTSUPP all the same; chown uses
+  ``AT_EMPTY_PATH``, timestamps of a symlink ``AT_EMPTY_PATH`` too).
+* Device nodes are not created unless ``allow_device_nodes`` (a device node
+  in the share is a device on the host); a whiteout (char 0:0) is allowed.
+
+Credentials: operations that create, remove or rename names, open for
+writing or change attributes or xattrs run as the caller's fsuid/fsgid (see
+:mod:`.oscalls`); reads, lookups and directory listing run as the daemon
+(the guest mounts virtio-fs with ``default_permissions`` and has checked).
 
 Handlers are thin: they validate, borrow the inode/handle, call a private
 helper and return a typed value.  Failures are ``OSError`` and are turned into
-an errno reply by the session.
-
-The share is read-only for now (``read_only`` is True): OPEN for writing and
-``ACCESS(W_OK)`` answer EROFS.  Write operations will be added beside these.
+an errno reply by the session.  With ``readonly`` every modifying operation
+answers EROFS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
+from ..fuse import abi
 from ..fuse.abi import (
     ROOT_ID,
     Attr,
     AttrOut,
     EntryOut,
+    FileLock,
     Kstatfs,
     OpenOut,
+    SetattrIn,
     dirent_size,
     direntplus_size,
     encode_dirent,
     encode_direntplus,
 )
-from .inodes import DirEntry, DirHandle, FileHandle, Handle, HandleTable, InodeTable
+from . import locks, oscalls
+from .inodes import DirEntry, DirHandle, FileHandle, Handle, HandleTable, Inode, InodeTable
 
-__all__ = ["PassthroughFs", "ReadInto", "RequestContext"]
+__all__ = ["PassthroughFs", "ReadInto", "RequestContext", "WriteFrom"]
 
 logger = logging.getLogger("pyvirtiofsd.passthrough")
 
 #: ``fn(fd, file_offset, length) -> bytes_read``: the transport's zero-copy read.
 ReadInto = Callable[[int, int, int], int]
+#: ``fn(fd, file_offset, length) -> bytes_written``: the transport's zero-copy write.
+WriteFrom = Callable[[int, int, int], int]
+
+#: Flags of the guest's open(2) passed on to the host: access mode, append,
+#: truncate, synchronous I/O.  Dropped: O_CREAT/O_EXCL (CREATE decides),
+#: O_NOFOLLOW (the proc reopen needs to follow its magic link; the inode is
+#: never a symlink here), O_DIRECT (alignment is the guest page cache's
+#: business), O_NOATIME (EPERM for non-owners), O_NONBLOCK, O_LARGEFILE.
+_OPEN_PASS = os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
+_XATTR_NAME_MAX = 255
+_XATTR_SIZE_MAX = 1 << 16
+_SYMLINK_MAX = 4095  # PATH_MAX - 1
+#: fallocate(2) modes we pass on; the host filesystem judges the combination.
+_FALLOC_MODES = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40
+_RENAME_FLAGS = 0x1 | 0x2 | 0x4  # NOREPLACE, EXCHANGE, WHITEOUT
+_FATTR_TIMES = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
+_MAX_RW = 0x7FFF_F000  # MAX_RW_COUNT: the kernel's cap on one transfer
 
 _U32 = 0xFFFF_FFFF
 _NS = 1_000_000_000
@@ -116,13 +154,38 @@ def validate_name(name: bytes) -> bytes:
     return name
 
 
+def validate_xattr_name(name: bytes) -> bytes:
+    """An xattr name as the kernel accepts it (1..255 bytes), else ERANGE."""
+    if not 0 < len(name) <= _XATTR_NAME_MAX:
+        raise _err(errno.ERANGE)
+    return name
+
+
+def decode_dev(rdev: int) -> int:
+    """The kernel's 32-bit ``new_encode_dev`` form -> host ``dev_t``."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
 def _dtype(mode: int) -> int:
     """``S_IFMT`` bits -> ``DT_*`` (the kernel's ``(mode & S_IFMT) >> 12``)."""
     return (mode & 0o170000) >> 12
 
 
 class PassthroughFs:
-    """Serves the directory ``root`` (resolved once, at construction)."""
+    """Serves the directory ``root`` (resolved once, at construction).
+
+    ``readonly``: every modifying operation answers EROFS.  ``xattr``:
+    serve extended attributes (off: the xattr operations answer ENOSYS and
+    the guest stops asking, like virtiofsd without ``xattr``).
+    ``writeback``: the session negotiates WRITEBACK_CACHE; files are then
+    opened read-write even for O_WRONLY (the guest page cache reads around
+    partial writes) and without O_APPEND (the guest computes the offsets).
+    ``allow_device_nodes``: MKNOD may create character/block devices.
+    ``lock_wait_timeout``: how long SETLKW waits for a conflicting lock to
+    go before it answers EDEADLK (see :meth:`setlk`).
+    """
 
     def __init__(
         self,
@@ -130,10 +193,27 @@ class PassthroughFs:
         *,
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
+        readonly: bool = False,
+        xattr: bool = False,
+        writeback: bool = False,
+        allow_device_nodes: bool = False,
+        lock_wait_timeout: float = 0.25,
+        posix_locks: bool = False,
+        flock: bool = False,
     ) -> None:
+        self.posix_locks = posix_locks
+        self.flock = flock
         self.entry_timeout = _split_timeout(entry_timeout)
         self.attr_timeout = _split_timeout(attr_timeout)
-        self.read_only = True
+        if lock_wait_timeout < 0:
+            raise ValueError("lock_wait_timeout must not be negative")
+        self.readonly = readonly
+        self.xattr = xattr
+        self.writeback = writeback
+        self.allow_device_nodes = allow_device_nodes
+        self.lock_wait_timeout = lock_wait_timeout
+        # Guards every Inode.plocks and is notified whenever a lock is dropped.
+        self._plock_cond = threading.Condition()
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -154,6 +234,48 @@ class PassthroughFs:
     def _reopen(self, fd: int, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (via /proc/self/fd/N)."""
         return os.open(str(fd), flags | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=self._proc_fd)
+
+    def _open_inode(self, fd: int, flags: int) -> int:
+        """``_reopen`` for OPEN: with writeback, O_WRONLY becomes O_RDWR if allowed."""
+        if self.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            try:
+                return self._reopen(fd, (flags & ~os.O_ACCMODE) | os.O_RDWR)
+            except PermissionError:
+                pass  # a write-only file: the guest must not need to read it
+        return self._reopen(fd, flags)
+
+    def _host_open_flags(self, flags: int) -> int:
+        out = flags & _OPEN_PASS
+        if self.writeback:
+            out &= ~os.O_APPEND  # the guest page cache computes append offsets
+        return out
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    @staticmethod
+    def _as_caller(ctx: RequestContext, *, creating: bool = False) -> AbstractContextManager[None]:
+        return oscalls.caller_credentials(ctx.uid, ctx.gid, creating=creating)
+
+    @staticmethod
+    def _kill_if(kill: object) -> AbstractContextManager[None]:
+        """Without CAP_FSETID when ``kill``: the host then clears setuid/setgid itself."""
+        return oscalls.without_fsetid() if kill else nullcontext()
+
+    def _proc_path(self, fd: int) -> str:
+        return f"/proc/self/fd/{fd}"
+
+    def _entry_for_fd(self, fd: int) -> EntryOut:
+        """Count one lookup of the inode an open fd refers to (CREATE)."""
+        path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            st = os.fstat(path_fd)
+        except BaseException:
+            os.close(path_fd)
+            raise
+        inode = self.inodes.add_lookup(path_fd, st)
+        return self._entry(inode.nodeid, st)
 
     def _entry(self, nodeid: int, st: os.stat_result) -> EntryOut:
         return EntryOut(
@@ -244,10 +366,15 @@ class PassthroughFs:
                 raise _err(errno.EINVAL)
             return os.readlink(b"", dir_fd=inode.fd)
 
-    def open(self, nodeid: int, flags: int) -> OpenOut:
-        accmode = flags & os.O_ACCMODE
-        if self.read_only and (accmode != os.O_RDONLY or flags & os.O_TRUNC):
-            raise _err(errno.EROFS)
+    def open(self, nodeid: int, flags: int, ctx: RequestContext, open_flags: int = 0) -> OpenOut:
+        """Open a regular file; writing (or truncating) opens run as the caller.
+
+        ``open_flags & OPEN_KILL_SUIDGID`` (with O_TRUNC): the truncation
+        clears setuid/setgid as it would for a caller without CAP_FSETID.
+        """
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._check_writable()
         with self.inodes.borrow(nodeid) as inode:
             if inode.mode == stat.S_IFDIR:
                 raise _err(errno.EISDIR)
@@ -256,7 +383,9 @@ class PassthroughFs:
                 # kernel never sends OPEN for them); opening one here would
                 # reach a host device or block a worker on a FIFO.
                 raise _err(errno.ENXIO)
-            fd = self._reopen(inode.fd, os.O_RDONLY)
+            creds = self._as_caller(ctx) if writing else nullcontext()
+            with creds, self._kill_if(flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID):
+                fd = self._open_inode(inode.fd, self._host_open_flags(flags))
         fh = self.handles.add(FileHandle(fd, nodeid))
         return OpenOut(fh=fh, open_flags=0, padding=0)
 
@@ -267,11 +396,28 @@ class PassthroughFs:
         with self.handles.borrow(fh, FileHandle) as handle:
             return into(handle.fd, offset, size) if size else 0
 
-    def flush(self, fh: int) -> None:
-        with self.handles.borrow(fh, FileHandle):
-            pass  # read-only: nothing buffered here (close-to-open is the guest's)
+    def flush(self, fh: int, lock_owner: int) -> None:
+        """close(2) of one guest fd: drop the owner's POSIX locks, flush like a close."""
+        with self.handles.borrow(fh, FileHandle) as handle:
+            self._drop_lock_owner(handle.nodeid, lock_owner)
+            # As virtiofsd: close a duplicate so that filesystems with
+            # close-to-open semantics (NFS) flush now, not at RELEASE.
+            os.close(os.dup(handle.fd))
 
-    def release(self, fh: int) -> None:
+    def release(self, fh: int, release_flags: int = 0, lock_owner: int = 0) -> None:
+        """The last guest reference to ``fh`` is gone.
+
+        RELEASE_FLUSH: also a flush (drop ``lock_owner``'s POSIX locks);
+        RELEASE_FLOCK_UNLOCK: drop the flock lock (closing our fd would too,
+        unless a concurrent request still borrows it).
+        """
+        if release_flags & (abi.RELEASE_FLUSH | abi.RELEASE_FLOCK_UNLOCK):
+            with contextlib.suppress(OSError), self.handles.borrow(fh, FileHandle) as handle:
+                if release_flags & abi.RELEASE_FLUSH:
+                    self._drop_lock_owner(handle.nodeid, lock_owner)
+                if release_flags & abi.RELEASE_FLOCK_UNLOCK:
+                    fcntl.flock(handle.fd, fcntl.LOCK_UN)
+                    self._lock_dropped()
         self.handles.release(fh)
 
     def opendir(self, nodeid: int, flags: int) -> OpenOut:
@@ -350,7 +496,7 @@ class PassthroughFs:
             st = os.fstat(inode.fd)
         if mask == os.F_OK:
             return
-        if mask & os.W_OK and self.read_only:
+        if mask & os.W_OK and self.readonly:
             raise _err(errno.EROFS)
         mode = st.st_mode
         if ctx.uid == 0:
@@ -365,6 +511,510 @@ class PassthroughFs:
             granted = mode & 7
         if mask & ~granted:
             raise _err(errno.EACCES)
+
+    # --- attributes -----------------------------------------------------------
+
+    def setattr(self, nodeid: int, arg: SetattrIn, ctx: RequestContext) -> AttrOut:
+        """Change mode, owner, size and timestamps, in that order (as virtiofsd).
+
+        With FATTR_FH every change goes through the open file; without it,
+        through the O_PATH fd: chmod via its /proc magic link (refused for a
+        symlink), chown with AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, truncate on
+        a write-reopened fd, timestamps on the magic link (AT_EMPTY_PATH for
+        a symlink).  Runs as the caller; FATTR_KILL_SUIDGID drops CAP_FSETID
+        around chown and truncate so the host clears the bits itself.
+        """
+        self._check_writable()
+        valid = arg.valid
+        kill = valid & abi.FATTR_KILL_SUIDGID
+        with contextlib.ExitStack() as stack:
+            inode = stack.enter_context(self.inodes.borrow(nodeid))
+            fd: int | None = None
+            if valid & abi.FATTR_FH:
+                fd = stack.enter_context(self.handles.borrow(arg.fh, Handle)).fd
+            stack.enter_context(self._as_caller(ctx))
+            if valid & abi.FATTR_MODE:
+                mode = arg.mode & 0o7777
+                if fd is not None:
+                    os.chmod(fd, mode)
+                elif inode.mode == stat.S_IFLNK:
+                    raise _err(errno.EOPNOTSUPP)
+                else:
+                    os.chmod(str(inode.fd), mode, dir_fd=self._proc_fd)
+            if valid & (abi.FATTR_UID | abi.FATTR_GID):
+                uid = arg.uid if valid & abi.FATTR_UID else -1
+                gid = arg.gid if valid & abi.FATTR_GID else -1
+                with self._kill_if(kill):
+                    if fd is not None:
+                        os.chown(fd, uid, gid)
+                    else:
+                        flags = oscalls.AT_EMPTY_PATH | oscalls.AT_SYMLINK_NOFOLLOW
+                        oscalls.fchownat(inode.fd, b"", uid, gid, flags)
+            if valid & abi.FATTR_SIZE:
+                self._truncate(inode, fd, arg.size, kill)
+            if valid & _FATTR_TIMES:
+                self._utimens(inode, fd, arg)
+            st = os.fstat(inode.fd if fd is None else fd)
+        return AttrOut(self.attr_timeout[0], self.attr_timeout[1], 0, stat_to_attr(st))
+
+    def _truncate(self, inode: Inode, fd: int | None, size: int, kill: int) -> None:
+        if size > abi.OFFSET_MAX:
+            raise _err(errno.EINVAL)
+        with self._kill_if(kill):
+            if fd is not None:
+                os.truncate(fd, size)
+                return
+            if inode.mode == stat.S_IFDIR:
+                raise _err(errno.EISDIR)
+            if inode.mode != stat.S_IFREG:
+                raise _err(errno.EINVAL)
+            wfd = self._reopen(inode.fd, os.O_WRONLY)  # the caller's write permission
+            try:
+                os.truncate(wfd, size)
+            finally:
+                os.close(wfd)
+
+    def _utimens(self, inode: Inode, fd: int | None, arg: SetattrIn) -> None:
+        def spec(now: int, given: int, sec: int, nsec: int) -> tuple[int, int]:
+            if arg.valid & now:
+                return (0, oscalls.UTIME_NOW)
+            if arg.valid & given:
+                if nsec >= _NS:
+                    raise _err(errno.EINVAL)
+                return (sec - (1 << 64) if sec >= 1 << 63 else sec, nsec)
+            return (0, oscalls.UTIME_OMIT)
+
+        atime = spec(abi.FATTR_ATIME_NOW, abi.FATTR_ATIME, arg.atime, arg.atimensec)
+        mtime = spec(abi.FATTR_MTIME_NOW, abi.FATTR_MTIME, arg.mtime, arg.mtimensec)
+        if fd is not None:
+            oscalls.utimensat(fd, None, atime, mtime, 0)
+        elif inode.mode == stat.S_IFLNK:
+            oscalls.utimensat(inode.fd, b"", atime, mtime, oscalls.AT_EMPTY_PATH)
+        else:
+            oscalls.utimensat(self._proc_fd, str(inode.fd).encode(), atime, mtime, 0)
+
+    # --- creating and removing names --------------------------------------------
+
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
+    ) -> EntryOut:
+        """Regular files, FIFOs, sockets; devices only with ``allow_device_nodes``.
+
+        A whiteout (character device 0:0, what overlayfs makes) is always allowed.
+        """
+        self._check_writable()
+        validate_name(name)
+        ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        device = 0
+        if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+            device = decode_dev(rdev)
+            whiteout = ftype == stat.S_IFCHR and device == 0
+            if not (whiteout or self.allow_device_nodes):
+                raise _err(errno.EPERM)
+        with self.inodes.borrow(parent) as dir_inode:
+            with self._as_caller(ctx, creating=True):
+                os.mknod(name, ftype | (mode & 0o7777), device, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: RequestContext) -> EntryOut:
+        self._check_writable()
+        validate_name(name)
+        with self.inodes.borrow(parent) as dir_inode:
+            with self._as_caller(ctx, creating=True):
+                os.mkdir(name, mode & 0o7777, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: RequestContext) -> EntryOut:
+        """A symlink whose target text is stored as given (never followed here)."""
+        self._check_writable()
+        validate_name(name)
+        if not target or b"\0" in target:
+            raise _err(errno.EINVAL) if b"\0" in target else _err(errno.ENOENT)
+        if len(target) > _SYMLINK_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        with self.inodes.borrow(parent) as dir_inode:
+            with self._as_caller(ctx, creating=True):
+                os.symlink(target, name, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def link(self, nodeid: int, parent: int, name: bytes, ctx: RequestContext) -> EntryOut:
+        """A new name for ``nodeid``: ``linkat`` through its /proc magic link.
+
+        (``AT_EMPTY_PATH`` would need CAP_DAC_READ_SEARCH; the magic link is
+        followed to the inode itself, a symlink included, never beyond.)
+        """
+        self._check_writable()
+        validate_name(name)
+        with self.inodes.borrow(nodeid) as inode, self.inodes.borrow(parent) as dir_inode:
+            if inode.mode == stat.S_IFDIR:
+                raise _err(errno.EPERM)
+            with self._as_caller(ctx):
+                os.link(
+                    str(inode.fd),
+                    name,
+                    src_dir_fd=self._proc_fd,
+                    dst_dir_fd=dir_inode.fd,
+                    follow_symlinks=True,
+                )
+            return self._lookup_at(dir_inode.fd, name)
+
+    def unlink(self, parent: int, name: bytes, ctx: RequestContext) -> None:
+        self._check_writable()
+        validate_name(name)
+        with self.inodes.borrow(parent) as dir_inode, self._as_caller(ctx):
+            os.unlink(name, dir_fd=dir_inode.fd)
+
+    def rmdir(self, parent: int, name: bytes, ctx: RequestContext) -> None:
+        self._check_writable()
+        validate_name(name)
+        with self.inodes.borrow(parent) as dir_inode, self._as_caller(ctx):
+            os.rmdir(name, dir_fd=dir_inode.fd)
+
+    def rename(
+        self,
+        parent: int,
+        name: bytes,
+        newparent: int,
+        newname: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        """RENAME / RENAME2 (NOREPLACE, EXCHANGE, WHITEOUT via ``renameat2``)."""
+        self._check_writable()
+        validate_name(name)
+        validate_name(newname)
+        if flags & ~_RENAME_FLAGS:
+            raise _err(errno.EINVAL)
+        with (
+            self.inodes.borrow(parent) as old_dir,
+            self.inodes.borrow(newparent) as new_dir,
+            self._as_caller(ctx),
+        ):
+            if flags:
+                oscalls.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
+            else:
+                os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        flags: int,
+        mode: int,
+        ctx: RequestContext,
+        open_flags: int = 0,
+    ) -> tuple[EntryOut, OpenOut]:
+        """Create-and-open: one lookup counted and one handle, as the caller.
+
+        The file is created with O_EXCL first; only if it exists and the
+        guest did not ask for O_EXCL is the existing inode opened, and only
+        if it is a regular file (never a FIFO, device or symlink).
+        """
+        self._check_writable()
+        validate_name(name)
+        oflags = self._host_open_flags(flags)
+        kill = flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID
+        with (
+            self.inodes.borrow(parent) as dir_inode,
+            self._as_caller(ctx, creating=True),
+            self._kill_if(kill),
+        ):
+            fd = self._create_or_open(dir_inode.fd, name, flags, oflags, mode & 0o7777)
+        try:
+            entry = self._entry_for_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self.handles.add(FileHandle(fd, entry.nodeid))
+        return entry, OpenOut(fh=fh, open_flags=0, padding=0)
+
+    def _create_or_open(self, dir_fd: int, name: bytes, flags: int, oflags: int, mode: int) -> int:
+        base = os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+        if self.writeback and oflags & os.O_ACCMODE == os.O_WRONLY:
+            oflags = (oflags & ~os.O_ACCMODE) | os.O_RDWR  # we create it: readable by us
+        try:
+            return os.open(name, oflags | base | os.O_CREAT | os.O_EXCL, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            ftype = stat.S_IFMT(os.fstat(path_fd).st_mode)
+            if ftype == stat.S_IFDIR:
+                raise _err(errno.EISDIR)
+            if ftype == stat.S_IFLNK:
+                raise _err(errno.ELOOP)
+            if ftype != stat.S_IFREG:
+                raise _err(errno.ENXIO)
+            return self._open_inode(path_fd, oflags)
+        finally:
+            os.close(path_fd)
+
+    # --- writing -----------------------------------------------------------------
+
+    def write(
+        self,
+        fh: int,
+        offset: int,
+        size: int,
+        write_flags: int,
+        source: WriteFrom,
+        ctx: RequestContext,
+    ) -> int:
+        """Write ``size`` bytes straight from the request via ``source``.
+
+        O_APPEND handles (without writeback) append wherever the host file
+        ends: Linux ignores the offset of ``pwritev`` on an O_APPEND fd,
+        which is what an append must do when the guest's idea of the size
+        is stale.
+
+        WRITE_KILL_SUIDGID (the guest's caller lacks CAP_FSETID): the write
+        runs as the caller and without CAP_FSETID, so the host kernel
+        clears setuid, setgid (when group-executable, or when the caller is
+        not in the file's group) and ``security.capability`` exactly as it
+        would for that caller on a local disk.  Without the flag the
+        daemon writes as itself and nothing is cleared.
+        """
+        self._check_writable()
+        if offset > abi.OFFSET_MAX:
+            raise _err(errno.EINVAL)
+        if offset + size > abi.OFFSET_MAX + 1:
+            raise _err(errno.EFBIG)
+        kill = write_flags & abi.WRITE_KILL_SUIDGID
+        with (
+            self.handles.borrow(fh, FileHandle) as handle,
+            self._as_caller(ctx) if kill else nullcontext(),
+            self._kill_if(kill),
+        ):
+            return source(handle.fd, offset, size) if size else 0
+
+    def fsync(self, fh: int, datasync: bool, *, isdir: bool = False) -> None:
+        kind: type[Handle] = DirHandle if isdir else FileHandle
+        with self.handles.borrow(fh, kind) as handle:
+            if datasync:
+                os.fdatasync(handle.fd)
+            else:
+                os.fsync(handle.fd)
+
+    def fallocate(self, fh: int, offset: int, length: int, mode: int, ctx: RequestContext) -> None:
+        """``fallocate(2)``; without CAP_FSETID for non-root callers (their data changes)."""
+        self._check_writable()
+        if mode & ~_FALLOC_MODES:
+            raise _err(errno.EOPNOTSUPP)
+        if offset > abi.OFFSET_MAX or length > abi.OFFSET_MAX:
+            raise _err(errno.EINVAL)
+        with self.handles.borrow(fh, FileHandle) as handle, self._kill_if(ctx.uid != 0):
+            oscalls.fallocate(handle.fd, mode, offset, length)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (the guest answers the others itself)."""
+        if whence not in (os.SEEK_SET, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        if offset > abi.OFFSET_MAX:
+            raise _err(errno.ENXIO if whence in (os.SEEK_DATA, os.SEEK_HOLE) else errno.EINVAL)
+        with self.handles.borrow(fh, FileHandle) as handle:
+            return os.lseek(handle.fd, offset, whence)
+
+    def copy_file_range(
+        self,
+        fh_in: int,
+        off_in: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+        ctx: RequestContext,
+    ) -> int:
+        self._check_writable()
+        if flags:
+            raise _err(errno.EINVAL)
+        if off_in > abi.OFFSET_MAX or off_out > abi.OFFSET_MAX:
+            raise _err(errno.EINVAL)
+        count = min(length, _MAX_RW)
+        with (
+            self.handles.borrow(fh_in, FileHandle) as src,
+            self.handles.borrow(fh_out, FileHandle) as dst,
+            self._kill_if(ctx.uid != 0),
+        ):
+            return os.copy_file_range(src.fd, dst.fd, count, off_in, off_out) if count else 0
+
+    def syncfs(self, nodeid: int) -> None:
+        """``syncfs(2)`` of the filesystem holding ``nodeid`` (else of the root's)."""
+        with self.inodes.borrow(nodeid) as inode:
+            fd = -1
+            if inode.mode in (stat.S_IFDIR, stat.S_IFREG):
+                with contextlib.suppress(OSError):
+                    fd = self._reopen(inode.fd, os.O_RDONLY)
+        if fd < 0:
+            with self.inodes.borrow(ROOT_ID) as root:
+                fd = self._reopen(root.fd, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            oscalls.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    # --- extended attributes -----------------------------------------------------
+
+    def _check_xattr(self) -> None:
+        if not self.xattr:
+            raise _err(errno.ENOSYS)
+
+    def setxattr(
+        self, nodeid: int, name: bytes, value: bytes, flags: int, ctx: RequestContext
+    ) -> None:
+        self._check_xattr()
+        self._check_writable()
+        validate_xattr_name(name)
+        if len(value) > _XATTR_SIZE_MAX:
+            raise _err(errno.E2BIG)
+        if flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
+            raise _err(errno.EINVAL)
+        with self.inodes.borrow(nodeid) as inode, self._as_caller(ctx):
+            os.setxattr(self._proc_path(inode.fd), name, value, flags)
+
+    def getxattr(self, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """The value, or its length when ``size`` is 0; ERANGE when it exceeds ``size``."""
+        self._check_xattr()
+        validate_xattr_name(name)
+        with self.inodes.borrow(nodeid) as inode:
+            value = os.getxattr(self._proc_path(inode.fd), name)
+        if size == 0:
+            return len(value)
+        if len(value) > size:
+            raise _err(errno.ERANGE)
+        return value
+
+    def listxattr(self, nodeid: int, size: int) -> bytes | int:
+        """NUL-terminated names, or their total length when ``size`` is 0."""
+        self._check_xattr()
+        with self.inodes.borrow(nodeid) as inode:
+            names = os.listxattr(self._proc_path(inode.fd))
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if size == 0:
+            return len(data)
+        if len(data) > size:
+            raise _err(errno.ERANGE)
+        return data
+
+    def removexattr(self, nodeid: int, name: bytes, ctx: RequestContext) -> None:
+        self._check_xattr()
+        self._check_writable()
+        validate_xattr_name(name)
+        with self.inodes.borrow(nodeid) as inode, self._as_caller(ctx):
+            os.removexattr(self._proc_path(inode.fd), name)
+
+    # --- locks ---------------------------------------------------------------------
+
+    def _owner_fd(self, inode: Inode, handle: FileHandle, owner: int) -> int:
+        """The fd carrying ``owner``'s POSIX locks on ``inode``; caller holds the cond."""
+        fd = inode.plocks.get(owner)
+        if fd is None:
+            # Read-write if we may, so that both lock types work whichever of
+            # the owner's handles asks; else the access mode of this handle.
+            try:
+                fd = self._reopen(inode.fd, os.O_RDWR)
+            except OSError:
+                fd = self._reopen(inode.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE)
+            inode.plocks[owner] = fd
+        return fd
+
+    def _drop_lock_owner(self, nodeid: int, owner: int) -> None:
+        """Close ``owner``'s lock fd: every POSIX lock it held on the inode goes."""
+        with (
+            contextlib.suppress(OSError),
+            self.inodes.borrow(nodeid) as inode,
+            self._plock_cond,
+        ):
+            fd = inode.plocks.pop(owner, None)
+            if fd is not None:
+                os.close(fd)
+                self._plock_cond.notify_all()
+
+    def _lock_dropped(self) -> None:
+        with self._plock_cond:
+            self._plock_cond.notify_all()
+
+    def getlk(self, nodeid: int, fh: int, owner: int, lock: FileLock) -> FileLock:
+        """The first lock that would conflict with ``lock`` for ``owner`` (F_UNLCK: none).
+
+        Its pid is reported as 0: OFD locks have no process, and a host
+        pid means nothing in the guest.
+        """
+        raw = locks.to_flock(lock)
+        with (
+            self.inodes.borrow(nodeid) as inode,
+            self.handles.borrow(fh, FileHandle) as handle,
+            self._plock_cond,
+        ):
+            out = fcntl.fcntl(self._owner_fd(inode, handle, owner), fcntl.F_OFD_GETLK, raw)
+        return locks.from_flock(out)
+
+    def setlk(
+        self,
+        nodeid: int,
+        fh: int,
+        owner: int,
+        lock: FileLock,
+        *,
+        flock: bool,
+        wait: bool,
+    ) -> None:
+        """SETLK / SETLKW, POSIX record locks or (``flock``) BSD flock locks.
+
+        POSIX locks are OFD locks on the owner's own fd; flock locks are
+        taken on the handle's fd (one guest open file = one host open file
+        description, which is flock's granularity).
+
+        SETLKW cannot block: a worker thread serves a whole request queue
+        (and a 6.1 guest sends every request on one queue), so the request
+        that would release the lock may be queued behind the waiter.  It is
+        retried without blocking for at most ``lock_wait_timeout`` seconds,
+        woken early whenever a lock is dropped through this filesystem (from
+        another queue) and polled for host-side holders; if the conflict
+        remains it answers EDEADLK ("waiting would deadlock"), which is an
+        error callers of F_SETLKW/flock(LOCK_EX) already handle.
+        """
+        if lock.type not in (locks.F_RDLCK, locks.F_WRLCK, locks.F_UNLCK):
+            raise _err(errno.EINVAL)
+        with self.inodes.borrow(nodeid) as inode, self.handles.borrow(fh, FileHandle) as handle:
+            if flock:
+                op = {
+                    locks.F_RDLCK: fcntl.LOCK_SH,
+                    locks.F_WRLCK: fcntl.LOCK_EX,
+                    locks.F_UNLCK: fcntl.LOCK_UN,
+                }[lock.type]
+
+                def attempt() -> None:
+                    fcntl.flock(handle.fd, op | fcntl.LOCK_NB)
+
+            else:
+                raw = locks.to_flock(lock)
+
+                def attempt() -> None:
+                    fcntl.fcntl(self._owner_fd(inode, handle, owner), fcntl.F_OFD_SETLK, raw)
+
+            self._lock_loop(attempt, wait and lock.type != locks.F_UNLCK)
+            if lock.type == locks.F_UNLCK:
+                self._lock_dropped()
+
+    def _lock_loop(self, attempt: Callable[[], None], wait: bool) -> None:
+        deadline = time.monotonic() + self.lock_wait_timeout
+        pause = 0.001
+        with self._plock_cond:
+            while True:
+                try:
+                    attempt()
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if not wait:
+                        raise _err(errno.EAGAIN) from exc
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _err(errno.EDEADLK) from exc
+                self._plock_cond.wait(min(pause, left))
+                pause = min(pause * 2, 0.05)
 
     def destroy(self) -> None:
         """Forget every inode and handle (DESTROY); the root stays open."""

@@ -44,6 +44,10 @@ class _Pinned:
         self._pins = 0
         self._dead = False
 
+    def close_fds(self) -> None:
+        """Close every fd the entry owns (once it is dead and unborrowed)."""
+        _close(self.fd)
+
 
 def _close(fd: int) -> None:
     # EBADF here would be our bug, EINTR is harmless: neither may stop a worker.
@@ -79,7 +83,7 @@ class _PinnedTable(Generic[_P]):
                 entry._pins -= 1
                 close = entry._dead and entry._pins == 0
             if close:
-                _close(entry.fd)
+                entry.close_fds()
 
     def _kill_locked(self, entry: _P) -> bool:
         """Mark dead (caller holds the lock, entry already unlinked); True: close now."""
@@ -88,9 +92,17 @@ class _PinnedTable(Generic[_P]):
 
 
 class Inode(_Pinned):
-    """One host inode known to the guest."""
+    """One host inode known to the guest.
 
-    __slots__ = ("key", "mode", "nlookup", "nodeid")
+    ``plocks`` maps a guest lock owner to the fd that carries its POSIX
+    record locks (as OFD locks): one open file description per owner, so
+    one owner's locks merge and split among themselves and conflict with
+    every other owner's, as POSIX locks of different processes do.  The
+    passthrough filesystem manages it under its own lock; the fds die with
+    the inode.
+    """
+
+    __slots__ = ("key", "mode", "nlookup", "nodeid", "plocks")
 
     def __init__(self, nodeid: int, fd: int, key: InodeKey, mode: int) -> None:
         super().__init__(fd)
@@ -98,6 +110,13 @@ class Inode(_Pinned):
         self.key = key
         self.mode = mode  # file type bits (st_mode & S_IFMT); fixed for an inode's life
         self.nlookup = 0
+        self.plocks: dict[int, int] = {}
+
+    def close_fds(self) -> None:
+        for fd in self.plocks.values():
+            _close(fd)
+        self.plocks.clear()
+        _close(self.fd)
 
 
 class InodeTable(_PinnedTable[Inode]):
@@ -149,7 +168,7 @@ class InodeTable(_PinnedTable[Inode]):
             del self._by_key[inode.key]
             close = self._kill_locked(inode)
         if close:
-            _close(inode.fd)
+            inode.close_fds()
 
     def nlookup(self, nodeid: int) -> int:
         """Current lookup count of ``nodeid`` (0 if unknown); for tests and debugging."""
@@ -159,15 +178,19 @@ class InodeTable(_PinnedTable[Inode]):
 
     def clear(self) -> None:
         """Forget everything but the root (DESTROY)."""
-        to_close: list[int] = []
+        to_close: list[Inode] = []
         with self._lock:
             for inode in self._entries.values():
                 if inode is not self.root and self._kill_locked(inode):
-                    to_close.append(inode.fd)
+                    to_close.append(inode)
             self._entries = {ROOT_ID: self.root}
             self._by_key = {self.root.key: self.root}
             self.root.nlookup = 1
-        for fd in to_close:
+            root_plocks = list(self.root.plocks.values())
+            self.root.plocks.clear()
+        for inode in to_close:
+            inode.close_fds()
+        for fd in root_plocks:
             _close(fd)
 
     def close_root(self) -> None:
@@ -178,7 +201,7 @@ class InodeTable(_PinnedTable[Inode]):
             self._by_key.clear()
             close = self._kill_locked(self.root)
         if close:
-            _close(self.root.fd)
+            self.root.close_fds()
 
 
 class DirEntry:
@@ -257,12 +280,12 @@ class HandleTable(_PinnedTable[Handle]):
             handle = self._entries.pop(fh, None)
             close = handle is not None and self._kill_locked(handle)
         if handle is not None and close:
-            _close(handle.fd)
+            handle.close_fds()
 
     def clear(self) -> None:
         with self._lock:
             handles = list(self._entries.values())
             self._entries.clear()
-            to_close = [h.fd for h in handles if self._kill_locked(h)]
-        for fd in to_close:
-            _close(fd)
+            to_close = [h for h in handles if self._kill_locked(h)]
+        for handle in to_close:
+            handle.close_fds()

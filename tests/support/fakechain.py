@@ -17,10 +17,13 @@ from pyvirtiofsd.daemon.fuse.session import FuseSession
 
 # Opcodes (fuse.h)
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK = 1, 2, 3, 4, 5
-OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
-GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR = 22, 23, 25, 26, 27
-READDIR, RELEASEDIR, ACCESS, INTERRUPT, DESTROY = 28, 29, 34, 36, 38
-BATCH_FORGET, READDIRPLUS = 42, 44
+SYMLINK, MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK = 6, 8, 9, 10, 11, 12, 13
+OPEN, READ, WRITE, STATFS, RELEASE, FSYNC = 14, 15, 16, 17, 18, 20
+SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT, OPENDIR = 21, 22, 23, 24, 25, 26, 27
+READDIR, RELEASEDIR, FSYNCDIR, GETLK, SETLK, SETLKW = 28, 29, 30, 31, 32, 33
+ACCESS, CREATE, INTERRUPT, DESTROY = 34, 35, 36, 38
+BATCH_FORGET, FALLOCATE, READDIRPLUS, RENAME2, LSEEK, COPY_FILE_RANGE = 42, 43, 44, 45, 46, 47
+SYNCFS = 50
 
 IN_HEADER = struct.Struct("<IIQQIIII")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -30,16 +33,28 @@ DIRENT_HEAD = struct.Struct("<QQII")
 
 
 class FakeChain:
-    """A request: ``readable`` bytes for the device, ``writable_len`` bytes of room."""
+    """A request: ``readable`` bytes for the device, ``writable_len`` bytes of room.
 
-    def __init__(self, readable: bytes, writable_len: int) -> None:
+    ``segments`` splits the readable part into descriptors of those sizes
+    (default: one); :meth:`pwritev` then hands the file one iovec per
+    descriptor it spans, as the real transport does with guest memory.
+    """
+
+    def __init__(
+        self, readable: bytes, writable_len: int, segments: list[int] | None = None
+    ) -> None:
         self._readable = bytearray(readable)
         self.writable = bytearray(writable_len)
         self.readable_len = len(self._readable)
         self.writable_len = writable_len
+        default = [self.readable_len] if self.readable_len else []
+        self.segments = default if segments is None else list(segments)
+        if sum(self.segments) != self.readable_len or any(n <= 0 for n in self.segments):
+            raise ValueError("segments must be positive and cover the readable part")
         self.high_water = 0  # one past the last byte ever written
         self.preadv_calls = 0
         self.pwritev_calls = 0
+        self.pwritev_iovecs = 0  # iovecs handed to the last pwritev
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         if offset < 0 or offset > self.readable_len:
@@ -74,10 +89,24 @@ class FakeChain:
         if offset < 0 or length < 0 or offset + length > self.readable_len:
             raise ValueError("pwritev outside the readable part")
         self.pwritev_calls += 1
-        view = memoryview(self._readable)[offset : offset + length]
+        whole = memoryview(self._readable)
+        iov: list[memoryview] = []
+        pos = 0
+        for size in self.segments:  # the descriptors overlapping [offset, offset + length)
+            lo, hi = max(pos, offset), min(pos + size, offset + length)
+            if lo < hi:
+                iov.append(whole[lo:hi])
+            pos += size
+        self.pwritev_iovecs = len(iov)
         done = 0
-        while done < length:
-            done += os.pwritev(fd, [view[done:]], file_offset + done)
+        while iov:
+            n = os.pwritev(fd, iov, file_offset + done)
+            done += n
+            while iov and n >= len(iov[0]):  # drop what was written, keep the rest
+                n -= len(iov[0])
+                iov.pop(0)
+            if iov and n:
+                iov[0] = iov[0][n:]
         return done
 
 
@@ -191,8 +220,12 @@ class FuseClient:
     writable_len: int = 1 << 21
     last_chain: FakeChain | None = field(default=None, repr=False)
 
-    def raw(self, readable: bytes, writable_len: int | None = None) -> Reply:
-        chain = FakeChain(readable, self.writable_len if writable_len is None else writable_len)
+    def raw(
+        self, readable: bytes, writable_len: int | None = None, segments: list[int] | None = None
+    ) -> Reply:
+        chain = FakeChain(
+            readable, self.writable_len if writable_len is None else writable_len, segments
+        )
         self.last_chain = chain
         used = self.session.handle(chain)
         assert 0 <= used <= chain.writable_len
@@ -204,7 +237,8 @@ class FuseClient:
 
     def call(self, opcode: int, nodeid: int = 1, body: bytes = b"", **kw: Any) -> Reply:
         writable_len = kw.pop("writable_len", None)
-        return self.raw(request(opcode, nodeid, body, **kw), writable_len)
+        segments = kw.pop("segments", None)
+        return self.raw(request(opcode, nodeid, body, **kw), writable_len, segments)
 
     def init(self, minor: int = 37, flags: int = 0xFFFF_FFFF) -> Reply:
         reply = self.call(INIT, 0, init_body(minor=minor, flags=flags))
@@ -274,3 +308,86 @@ def build_tree(root: os.PathLike[str] | str, *, many: bool = True) -> None:
     os.symlink("../../..", os.path.join(r, "link_up"))
     os.symlink("hello.txt", os.path.join(r, "link_rel"))
     os.mkfifo(os.path.join(r, "fifo"))
+
+
+# --- bodies of the modifying requests (packed from fuse.h by hand) ---------------
+
+FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
+FATTR_ATIME, FATTR_MTIME, FATTR_FH = 16, 32, 64
+FATTR_ATIME_NOW, FATTR_MTIME_NOW, FATTR_KILL_SUIDGID = 128, 256, 2048
+WRITE_KILL_SUIDGID = 4
+OPEN_KILL_SUIDGID = 1
+RELEASE_FLUSH, RELEASE_FLOCK_UNLOCK = 1, 2
+LK_FLOCK = 1
+OFFSET_MAX = (1 << 63) - 1
+
+
+def setattr_body(
+    valid: int,
+    *,
+    fh: int = 0,
+    size: int = 0,
+    atime: tuple[int, int] = (0, 0),
+    mtime: tuple[int, int] = (0, 0),
+    mode: int = 0,
+    uid: int = 0,
+    gid: int = 0,
+) -> bytes:
+    return struct.pack(
+        "<IIQQQQQQIIIIIIII",
+        valid,
+        0,
+        fh,
+        size,
+        0,
+        atime[0],
+        mtime[0],
+        0,
+        atime[1],
+        mtime[1],
+        0,
+        mode,
+        0,
+        uid,
+        gid,
+        0,
+    )
+
+
+def create_body(name: bytes, flags: int, mode: int = 0o100644, open_flags: int = 0) -> bytes:
+    return struct.pack("<IIII", flags, mode, 0o022, open_flags) + name + b"\0"
+
+
+def mknod_body(name: bytes, mode: int, rdev: int = 0) -> bytes:
+    return struct.pack("<IIII", mode, rdev, 0o022, 0) + name + b"\0"
+
+
+def mkdir_body(name: bytes, mode: int = 0o755) -> bytes:
+    return struct.pack("<II", mode, 0o022) + name + b"\0"
+
+
+def rename_body(newdir: int, old: bytes, new: bytes, flags: int | None = None) -> bytes:
+    head = struct.pack("<Q", newdir) if flags is None else struct.pack("<QII", newdir, flags, 0)
+    return head + old + b"\0" + new + b"\0"
+
+
+def write_body(fh: int, offset: int, data: bytes, write_flags: int = 0) -> bytes:
+    return struct.pack("<QQIIQII", fh, offset, len(data), write_flags, 0, 0, 0) + data
+
+
+def lk_body(
+    fh: int, owner: int, start: int, end: int, ltype: int, *, pid: int = 0, flags: int = 0
+) -> bytes:
+    return struct.pack("<QQQQIIII", fh, owner, start, end, ltype, pid, flags, 0)
+
+
+def flush_body(fh: int, lock_owner: int = 0) -> bytes:
+    return struct.pack("<QIIQ", fh, 0, 0, lock_owner)
+
+
+def release_flags_body(fh: int, release_flags: int, lock_owner: int = 0) -> bytes:
+    return struct.pack("<QIIQ", fh, 0, release_flags, lock_owner)
+
+
+def parse_attr_out(payload: bytes) -> tuple[int, ...]:
+    return parse_attr(payload, 16)

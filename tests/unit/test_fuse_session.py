@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pyvirtiofsd.daemon.fuse import abi
 from pyvirtiofsd.daemon.fuse.abi import InitFlag
-from pyvirtiofsd.daemon.fuse.session import DEFAULT_INIT_FLAGS, FuseSession
+from pyvirtiofsd.daemon.fuse.session import DEFAULT_INIT_FLAGS, FuseSession, wanted_init_flags
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
 from tests.support.fakechain import (
     BATCH_FORGET,
@@ -68,7 +68,9 @@ def test_init_737(client: FuseClient) -> None:
     )
     assert (major, minor) == (7, 37)
     assert ra == 65536
-    assert flags == int(DEFAULT_INIT_FLAGS) & offered
+    host_locks = InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
+    assert flags == int(DEFAULT_INIT_FLAGS & ~host_locks) & offered
+    assert not flags & host_locks, "host-visible locks are opt-in"
     assert flags & InitFlag.DO_READDIRPLUS and flags & InitFlag.PARALLEL_DIROPS
     assert not flags & (InitFlag.INIT_EXT | InitFlag.SUBMOUNTS | InitFlag.WRITEBACK_CACHE)
     assert flags2 == 0
@@ -78,10 +80,12 @@ def test_init_737(client: FuseClient) -> None:
 
 
 def test_init_flags_are_masked_by_what_the_kernel_offers(client: FuseClient) -> None:
-    offered = int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS)
+    client.session.fs.posix_locks = True
+    client.session.init_flags = wanted_init_flags(client.session.fs)
+    offered = int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS | InitFlag.EXPORT_SUPPORT)
     reply = client.call(INIT, 0, init_body(flags=offered))
     fields = INIT_OUT.unpack(reply.payload)
-    assert fields[3] == int(InitFlag.ASYNC_READ)
+    assert fields[3] == int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS)
     assert fields[8] == 0, "max_pages only with MAX_PAGES"
 
 
@@ -206,8 +210,18 @@ def test_unknown_opcode_enosys(client: FuseClient) -> None:
     client.init()
     assert client.call(9999, 1).error == -errno.ENOSYS
     assert client.call(0, 1).error == -errno.ENOSYS
+    # xattrs are off by default (like virtiofsd without -o xattr)
     assert client.call(GETXATTR, 1, struct.pack("<II", 0, 0) + b"user.x\0").error == -errno.ENOSYS
-    assert client.call(abi.Opcode.SETATTR, 1, bytes(88)).error == -errno.ENOSYS
+    for opcode in (
+        abi.Opcode.BMAP,
+        abi.Opcode.IOCTL,
+        abi.Opcode.POLL,
+        abi.Opcode.NOTIFY_REPLY,
+        abi.Opcode.SETUPMAPPING,
+        abi.Opcode.REMOVEMAPPING,
+        abi.Opcode.TMPFILE,
+    ):
+        assert client.call(opcode, 1, bytes(64)).error == -errno.ENOSYS, opcode
 
 
 def test_reply_carries_unique(client: FuseClient) -> None:

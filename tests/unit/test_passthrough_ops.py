@@ -250,11 +250,19 @@ def test_root_dotdot_in_readdir_does_not_reveal_parent(client: FuseClient, root:
 # --- OPEN / READ / RELEASE ------------------------------------------------------------
 
 
-def test_open_write_modes_refused(client: FuseClient) -> None:
-    entry = client.lookup(1, b"hello.txt")
-    for flags in [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC]:
-        reply = client.call(OPEN, entry.nodeid, struct.pack("<II", flags, 0))
-        assert reply.error == -errno.EROFS
+def test_open_write_modes_refused_when_readonly(root: Path) -> None:
+    fs = PassthroughFs(root, readonly=True)
+    try:
+        client = FuseClient(FuseSession(fs))
+        client.init()
+        entry = client.lookup(1, b"hello.txt")
+        for flags in [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC]:
+            reply = client.call(OPEN, entry.nodeid, struct.pack("<II", flags, 0))
+            assert reply.error == -errno.EROFS
+        assert _access(client, entry.nodeid, os.W_OK, 0, 0) == -errno.EROFS
+        assert _access(client, entry.nodeid, os.R_OK, 0, 0) == 0
+    finally:
+        fs.close()
 
 
 def test_open_special_files_refused(client: FuseClient) -> None:
@@ -545,6 +553,7 @@ def test_access_checks_mode_bits(client: FuseClient, root: Path) -> None:
     assert _access(client, n, os.X_OK, 1000, 1) == -errno.EACCES
     assert _access(client, n, os.X_OK, 0, 0) == -errno.EACCES  # root needs some x bit
     assert _access(client, n, os.R_OK, 0, 0) == 0
-    assert _access(client, n, os.W_OK, 1000, 1) == -errno.EROFS  # read-only share
+    assert _access(client, n, os.W_OK, 1000, 1) == 0  # owner: rw-
+    assert _access(client, n, os.W_OK, 3000, 2000) == -errno.EACCES  # group: r--
     assert _access(client, n, 0x40, 1000, 1) == -errno.EINVAL
     assert _access(client, 1, os.X_OK, 0, 0) == 0
