@@ -270,16 +270,20 @@ class Machine:
                 f"{r.stderr.decode(errors='replace').strip()}"
             )
 
-    def wait_for_pci(self, address: str, timeout: float = 30.0) -> None:
-        """Wait (bounded, in the guest) until a hot-plugged PCI device has a driver."""
-        path = f"/sys/bus/pci/devices/{address}/driver"
+    def wait_for_virtio(self, address: str, timeout: float = 30.0) -> None:
+        """Wait (bounded, in the guest) until virtio-pci has finished probing the
+        hot-plugged device at ``address`` (its virtio device is registered).
+
+        The PCI ``driver`` link is no such signal: it appears before probe runs.
+        """
+        cond = f"ls -d /sys/bus/pci/devices/{address}/virtio* >/dev/null 2>&1"
         steps = int(timeout * 10)
         r = self.agent.run(
-            f"for i in $(seq {steps}); do [ -e {path} ] && exit 0; sleep 0.1; done; exit 1",
+            f"for i in $(seq {steps}); do {cond} && exit 0; sleep 0.1; done; exit 1",
             timeout=timeout + 10,
         )
         if r.status != 0:
-            raise MachineError(f"no driver bound {address} within {timeout:.0f} s")
+            raise MachineError(f"virtio-pci did not probe {address} within {timeout:.0f} s")
 
     def unplug(self, device_id: str, timeout: float = 30.0, *, remove_chardev: bool = True) -> None:
         """``device_del`` and wait for QEMU's DEVICE_DELETED (the guest released it)."""

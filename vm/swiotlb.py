@@ -139,6 +139,7 @@ class PerDeviceDma:
                 daemon_args=(*share.daemon_args, "--swiotlb", window.swiotlb_arg()),
             )
             self.vm.hotplug(strict, device_id, mount=False)
+            self.vm.wait_for_virtio(address)
             self._check(address, window)
             self.vm.mount_when_ready(strict)
         except BaseException:
@@ -161,7 +162,7 @@ class PerDeviceDma:
                 addr=f"{slot:#x}",
                 **{"disable-legacy": "on", "iommu_platform": True},
             )
-            self.vm.wait_for_pci(address)
+            self.vm.wait_for_virtio(address)
             self._check(address, window)
         except BaseException:
             self.allocator.free(address)
