@@ -1,11 +1,19 @@
 """``make bench``: guest-side throughput of pyvirtiofsd against its peers.
 
-One guest, one run, three shares of the same host directory: pyvirtiofsd,
-the C virtiofsd shipped with QEMU (``/usr/lib/qemu/virtiofsd``) and QEMU's own
-virtio-9p. Each is read with ``dd`` from inside the guest, caches dropped
-before every pass, several passes interleaved so that noise on a shared
-machine hits every peer alike. The result is reported as ratios to the peers
-measured in the same run (absolute numbers are printed for reference only).
+Part 1, peers: one guest, one run, three shares of the same host directory:
+pyvirtiofsd, the C virtiofsd shipped with QEMU (``/usr/lib/qemu/virtiofsd``)
+and QEMU's own virtio-9p. Each is read (a file the guest has not cached:
+caches dropped first) and written (``conv=fsync``) with ``dd`` from inside the
+guest, several passes interleaved so that noise on a shared machine hits
+every peer alike.
+
+Part 2, DMA modes: pyvirtiofsd alone, the same workload in each of the three
+DMA modes (``off``, ``shared`` = swiotlb=force, ``per-device`` windows), one
+guest per mode, run back to back.
+
+Results are ratios to the peers (or to mode ``off``) measured in the same run;
+absolute numbers are printed for reference only. Times are measured in the
+guest by the agent (CLOCK_MONOTONIC around the command).
 """
 
 from __future__ import annotations
@@ -16,28 +24,22 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .machine import Machine, MachineConfig
 from .paths import build_dir
 from .shares import Share
+from .swiotlb import DMA_MODES
 
 PEERS = (("pyvirtiofsd", "py"), ("virtiofsd", "cvfs"), ("9p", "ninep"))
 
 
 @dataclass
 class Result:
-    backend: str
-    seconds: list[float]
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
+    name: str
+    read: list[float] = field(default_factory=list)
+    write: list[float] = field(default_factory=list)
 
 
 def make_data(size_mib: int) -> Path:
@@ -56,40 +58,82 @@ def make_data(size_mib: int) -> Path:
 def timed_read(vm: Machine, path: str, bs: str) -> float:
     """Seconds the guest needs to read ``path`` cold (guest caches dropped)."""
     vm.agent.run("sync; echo 3 > /proc/sys/vm/drop_caches", check=True)
-    # the agent times the command in the guest (CLOCK_MONOTONIC, fork to exit)
     r = vm.agent.run(f"dd if={path} of=/dev/null bs={bs} 2>/dev/null", timeout=600, check=True)
     return r.elapsed
 
 
-def run_bench(size_mib: int, passes: int, bs: str, accel: str) -> dict[str, Result]:
+def timed_write(vm: Machine, path: str, size_mib: int) -> float:
+    """Seconds the guest needs to write ``size_mib`` MiB to ``path`` and fsync it."""
+    r = vm.agent.run(
+        f"dd if=/dev/zero of={path} bs=1M count={size_mib} conv=fsync 2>/dev/null && rm {path}",
+        timeout=600,
+        check=True,
+    )
+    return r.elapsed
+
+
+def run_peers(size_mib: int, passes: int, bs: str, accel: str) -> dict[str, Result]:
     data = make_data(size_mib)
     shares = [Share(data.parent, tag, backend=backend) for backend, tag in PEERS]
-    results = {backend: Result(backend, []) for backend, _ in PEERS}
-    with Machine(MachineConfig(shares=shares, accel=accel), name="bench") as vm:
+    results = {backend: Result(backend) for backend, _ in PEERS}
+    with Machine(MachineConfig(shares=shares, accel=accel), name="bench-peers") as vm:
         for _ in range(passes):
             for backend, tag in PEERS:
-                secs = timed_read(vm, f"/mnt/{tag}/{data.name}", bs)
-                results[backend].seconds.append(secs)
+                res = results[backend]
+                res.read.append(timed_read(vm, f"/mnt/{tag}/{data.name}", bs))
+                res.write.append(timed_write(vm, f"/mnt/{tag}/w-{backend}.bin", size_mib))
     return results
 
 
-def report(results: dict[str, Result], size_mib: int) -> str:
-    py = results["pyvirtiofsd"]
-    lines = [
-        f"guest dd read of a {size_mib} MiB file, caches dropped, "
-        f"{len(py.seconds)} interleaved passes (best / median seconds):",
-    ]
-    for r in results.values():
-        lines.append(
-            f"  {r.backend:12s} best {r.best:7.3f} s ({size_mib / r.best:8.1f} MiB/s)"
-            f"   median {r.median:7.3f} s"
-        )
-    for peer in ("virtiofsd", "9p"):
-        ratio = results[peer].best / py.best
-        lines.append(
-            f"  pyvirtiofsd throughput / {peer}: {ratio:.2f}x (best), "
-            f"{results[peer].median / py.median:.2f}x (median)"
-        )
+def run_modes(size_mib: int, passes: int, bs: str, accel: str) -> dict[str, Result]:
+    data = make_data(size_mib)
+    results = {}
+    for mode in DMA_MODES:
+        res = results[mode] = Result(mode)
+        share = Share(data.parent, "py", backend="pyvirtiofsd")
+        cfg = MachineConfig(shares=[share], accel=accel, dma_mode=mode)
+        with Machine(cfg, name=f"bench-{mode}") as vm:
+            for _ in range(passes):
+                res.read.append(timed_read(vm, f"/mnt/py/{data.name}", bs))
+                res.write.append(timed_write(vm, "/mnt/py/w-mode.bin", size_mib))
+    return results
+
+
+def _line(r: Result, size_mib: int) -> str:
+    rb, wb = min(r.read), min(r.write)
+    return (
+        f"  {r.name:12s} read  best {rb:6.3f} s ({size_mib / rb:7.1f} MiB/s) "
+        f"median {statistics.median(r.read):6.3f} s | "
+        f"write best {wb:6.3f} s ({size_mib / wb:7.1f} MiB/s) "
+        f"median {statistics.median(r.write):6.3f} s"
+    )
+
+
+def _ratio(a: Result, b: Result) -> str:
+    """Throughput of ``a`` relative to ``b`` (best and median), reads and writes."""
+    return (
+        f"read {min(b.read) / min(a.read):.2f}x best, "
+        f"{statistics.median(b.read) / statistics.median(a.read):.2f}x median; "
+        f"write {min(b.write) / min(a.write):.2f}x best, "
+        f"{statistics.median(b.write) / statistics.median(a.write):.2f}x median"
+    )
+
+
+def report(peers: dict[str, Result], modes: dict[str, Result], size_mib: int) -> str:
+    lines = []
+    if peers:
+        n = len(peers["pyvirtiofsd"].read)
+        lines.append(f"peers: {size_mib} MiB dd, {n} interleaved passes, same guest:")
+        lines += [_line(r, size_mib) for r in peers.values()]
+        for peer in ("virtiofsd", "9p"):
+            lines.append(f"  pyvirtiofsd / {peer}: {_ratio(peers['pyvirtiofsd'], peers[peer])}")
+    if modes:
+        n = len(modes["off"].read)
+        lines.append(f"pyvirtiofsd by DMA mode: {size_mib} MiB dd, {n} passes per guest:")
+        lines += [_line(r, size_mib) for r in modes.values()]
+        for mode in ("shared", "per-device"):
+            lines.append(f"  {mode} / off: {_ratio(modes[mode], modes['off'])}")
+        lines.append(f"  per-device / shared: {_ratio(modes['per-device'], modes['shared'])}")
     return "\n".join(lines)
 
 
@@ -103,19 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--bs", default="1M")
     ap.add_argument("--accel", default="auto")
+    ap.add_argument("--only", choices=("peers", "modes"), default=None)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
-    results = run_bench(args.size_mib, args.passes, args.bs, args.accel)
-    text = report(results, args.size_mib)
+    peers = modes = {}
+    if args.only in (None, "peers"):
+        peers = run_peers(args.size_mib, args.passes, args.bs, args.accel)
+    if args.only in (None, "modes"):
+        modes = run_modes(args.size_mib, args.passes, args.bs, args.accel)
+    text = report(peers, modes, args.size_mib)
     print(text)
     out = build_dir() / "bench"
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"read-{stamp}.json").write_text(
-        json.dumps(
-            {k: v.seconds for k, v in results.items()} | {"size_mib": args.size_mib}, indent=2
-        )
+    raw = {k: {"read": v.read, "write": v.write} for k, v in {**peers, **modes}.items()}
+    (out / f"bench-{stamp}.json").write_text(
+        json.dumps({"size_mib": args.size_mib, "results": raw}, indent=2)
     )
+    (out / f"bench-{stamp}.txt").write_text(text + "\n")
     print(f"(raw results in {out}; {time.monotonic() - t0:.0f} s)", file=sys.stderr)
     return 0
 
