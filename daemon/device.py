@@ -19,12 +19,14 @@ machine has no vIOMMU.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
 
 from pyvirtiofsd.dma import (
+    Chain,
     ChainError,
     DmaError,
     GuestMemory,
@@ -33,6 +35,7 @@ from pyvirtiofsd.dma import (
     VirtQueue,
 )
 
+from .fuse import abi
 from .fuse.session import FuseSession
 from .vhost_user.backend import VhostUserDeviceBase
 from .vhost_user.errors import DeviceError
@@ -317,9 +320,11 @@ class FsDevice(VhostUserDeviceBase):
         served = 0
         while True:
             try:
-                chain = vq.pop()
+                chain = vq.pop(salvage=_SALVAGE)
             except ChainError as e:
                 log.error("queue %d: request %d refused: %s", vq.index, e.head, e.reason)
+                if e.salvage is not None:
+                    _fail_salvaged(vq.index, e.salvage)
                 served += 1
                 continue
             except QueueError as e:
@@ -337,3 +342,37 @@ class FsDevice(VhostUserDeviceBase):
             served += 1
             if served % 64 == 0:
                 vq.notify_if_needed()
+
+
+#: Ask the queue for the FUSE headers of a chain refused only because some of
+#: its buffers lie outside guest memory or the window (see _fail_salvaged).
+_SALVAGE = (abi.IN_HEADER.size, abi.OUT_HEADER.size)
+_NO_REPLY_OPCODES = frozenset({abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT})
+
+
+def _fail_salvaged(queue: int, chain: Chain) -> None:
+    """Answer a request refused for its buffer addresses with ``-EIO``.
+
+    The Linux virtio-fs driver ignores the used length and parses the reply
+    header in the first writable buffer: completing with 0 would leave the
+    guest reading a zero header (error 0) and handing unwritten buffers to
+    the application as data.  ``chain`` holds only the request's fuse_in_header
+    and the reply header slot, both inside the mapped memory; it is completed
+    exactly once here.
+    """
+    used = 0
+    try:
+        hdr = abi.IN_HEADER.decode(chain.read(0, abi.IN_HEADER.size))
+        if hdr.opcode not in _NO_REPLY_OPCODES:
+            size = abi.OUT_HEADER.size
+            chain.write(abi.OUT_HEADER.encode(abi.OutHeader(size, -errno.EIO, hdr.unique)))
+            used = size
+            log.error(
+                "queue %d: request %d (unique %d) answered EIO", queue, chain.head, hdr.unique
+            )
+    except Exception:
+        log.exception("queue %d: request %d: cannot write an error reply", queue, chain.head)
+        used = 0
+    finally:
+        if not chain.completed:
+            chain.complete(used)

@@ -10,7 +10,7 @@ released.  A typical worker::
                 chain = vq.pop()
             except ChainError as e:
                 log(e)            # already completed with used len 0
-                continue
+                continue          # (see pop(salvage=...) for the exception)
             if chain is None:
                 vq.enable_notification()
                 if (chain := vq.pop()) is None:   # re-check after enabling
@@ -119,22 +119,39 @@ class VirtQueue:
 
     # -- data path -------------------------------------------------------------
 
-    def pop(self) -> Chain | None:
+    def pop(self, *, salvage: tuple[int, int] | None = None) -> Chain | None:
         """Next available chain, or None.
 
         Raises ChainError for a malformed chain (already completed with used
         len 0: log and pop again) and QueueError when the ring itself is
         unusable (the queue stays broken until reconfigured).
+
+        ``salvage=(rlen, wlen)`` (both > 0): a chain refused only because
+        some of its buffers lie outside guest memory or the window (its
+        structure otherwise valid) is not completed when the first ``rlen``
+        bytes of its first readable descriptor and the first ``wlen`` bytes
+        of its first writable descriptor are inside.  The ChainError then
+        carries them as ``salvage``, a Chain (``completed`` is False) the
+        caller must complete exactly once, typically after writing an error
+        reply; a lost salvage chain never returns its head to the guest.
         """
+        rlen, wlen = 0, 0
+        if salvage is not None:
+            rlen, wlen = salvage
+            if not (0 < rlen <= 0xFFFF_FFFF and 0 < wlen <= 0xFFFF_FFFF):
+                raise ValueError(f"salvage sizes must be in 1..2**32-1, got {salvage!r}")
         out = ffi.new("struct pvd_chain **")
         bad = ffi.new("uint32_t *")
-        rc = lib.pvd_vq_pop(self._vq, out, bad)
+        rc = lib.pvd_vq_pop(self._vq, out, bad, rlen, wlen)
         if rc == 1:
             return Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
         if rc == 0:
             return None
         if rc <= lib.PVD_C_FIRST:
-            raise ChainError(int(bad[0]), strerror(rc))
+            chain = None
+            if out[0] != ffi.NULL:
+                chain = Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
+            raise ChainError(int(bad[0]), strerror(rc), salvage=chain)
         raise _queue_error(rc, f"queue {self.index}")
 
     def notify_if_needed(self) -> bool:

@@ -2,7 +2,7 @@
 
 int pvd_core_abi_version(void)
 {
-	return 3;
+	return 4;
 }
 
 const char *pvd_strerror(int code)

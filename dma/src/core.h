@@ -8,7 +8,8 @@
  * Return convention: functions returning int use 0 (or a positive count /
  * boolean) for success and a negative PVD_E_* / PVD_C_* code on failure;
  * pvd_strerror() turns a code into a message.  Codes <= PVD_C_FIRST are
- * per-chain defects (the chain has already been completed with used len 0).
+ * per-chain defects (the chain has already been completed with used len 0,
+ * except for a salvage chain handed out by pvd_vq_pop).
  */
 #ifndef PVD_CORE_H
 #define PVD_CORE_H
@@ -120,8 +121,22 @@ uint16_t pvd_vq_last_avail_idx(struct pvd_vq *vq);
 uint32_t pvd_vq_size(struct pvd_vq *vq);
 void pvd_vq_set_kick_fd(struct pvd_vq *vq, int fd);
 void pvd_vq_set_call_fd(struct pvd_vq *vq, int fd);
-/* 0: nothing available; 1: *out is a chain; <0: error (*bad_head set for PVD_C_*). */
-int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head);
+/*
+ * 0: nothing available; 1: *out is a chain; <0: error (*bad_head set for PVD_C_*).
+ *
+ * Salvage (salvage_rlen and salvage_wlen both > 0): a chain refused only
+ * because descriptor buffers lie outside guest memory or the window
+ * (PVD_C_DESC_MEMORY / PVD_C_DESC_WINDOW, the chain otherwise well formed)
+ * is NOT completed when its first readable descriptor holds salvage_rlen
+ * bytes and its first writable descriptor salvage_wlen bytes, all inside
+ * memory and the window.  Then the return is that PVD_C_* code and *out is
+ * a "salvage chain" whose readable / writable parts are exactly those
+ * bytes; the caller must complete it (once) like any chain, e.g. with an
+ * error reply.  With *out NULL, every PVD_C_* chain has been completed with
+ * used len 0, as without salvage.
+ */
+int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
+	       uint32_t salvage_rlen, uint32_t salvage_wlen);
 /* 1: call eventfd written; 0: suppressed / nothing to signal; <0: error. */
 int pvd_vq_notify(struct pvd_vq *vq);
 int pvd_vq_set_notification(struct pvd_vq *vq, int enable);

@@ -436,6 +436,18 @@ struct walk {
 	uint32_t niov, nr;
 	uint64_t rlen, wlen;
 	int writable_seen;
+	/*
+	 * Salvage mode (see pvd_vq_pop): a descriptor outside guest memory or
+	 * the window does not end the walk; its code is kept in addr_rc, no
+	 * more iovecs are built, and the rest of the chain is still checked
+	 * for structural defects (which then win).
+	 */
+	int keep_going;
+	int addr_rc;
+	/* first non-empty readable / writable descriptor, as the guest gave it */
+	int have_r0, have_w0;
+	uint64_t r0_addr, w0_addr;
+	uint32_t r0_len, w0_len;
 };
 
 static int add_buffer(struct walk *w, uint64_t addr, uint32_t len, int writable)
@@ -443,23 +455,38 @@ static int add_buffer(struct walk *w, uint64_t addr, uint32_t len, int writable)
 	if (writable) {
 		w->writable_seen = 1;
 		w->wlen += len;
+		if (!w->have_w0) {
+			w->have_w0 = 1;
+			w->w0_addr = addr;
+			w->w0_len = len;
+		}
 	} else {
 		if (w->writable_seen)
 			return PVD_C_READ_AFTER_WRITE;
 		w->rlen += len;
+		if (!w->have_r0) {
+			w->have_r0 = 1;
+			w->r0_addr = addr;
+			w->r0_len = len;
+		}
 	}
 	/* 2.7.5: used len is 32 bits; refuse chains whose total does not fit. */
 	if (w->rlen + w->wlen > UINT32_MAX)
 		return PVD_C_TOTAL_LEN;
+	if (w->addr_rc)
+		return PVD_OK; /* salvage mode after an address defect: checks only */
 	uint64_t left = len;
 	while (left) {
 		uint8_t *h;
 		uint64_t chunk;
 		int rc = pvd_table_translate(w->t, addr, left, &h, &chunk);
-		if (rc == PVD_E_OUTSIDE_WINDOW)
-			return PVD_C_DESC_WINDOW;
-		if (rc)
-			return PVD_C_DESC_MEMORY;
+		if (rc) {
+			rc = rc == PVD_E_OUTSIDE_WINDOW ? PVD_C_DESC_WINDOW : PVD_C_DESC_MEMORY;
+			if (!w->keep_going)
+				return rc;
+			w->addr_rc = rc;
+			return PVD_OK;
+		}
 		if (w->niov >= PVD_MAX_IOV)
 			return PVD_C_TOO_MANY_SEGS;
 		w->iov[w->niov].iov_base = h;
@@ -527,7 +554,69 @@ static int walk_chain(struct walk *w, uint32_t head)
 	}
 }
 
-int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head)
+/*
+ * Translate the first len bytes at addr into iov[*n..max) (the range may
+ * cross region borders).  0 on success, <0 when any byte is outside guest
+ * memory or the window or max is reached.
+ */
+static int salvage_part(const struct pvd_table *t, uint64_t addr, uint64_t len,
+			struct iovec *iov, uint32_t *n, uint32_t max)
+{
+	while (len) {
+		uint8_t *h;
+		uint64_t chunk;
+		int rc = pvd_table_translate(t, addr, len, &h, &chunk);
+		if (rc)
+			return rc;
+		if (*n >= max)
+			return PVD_C_TOO_MANY_SEGS;
+		iov[*n].iov_base = h;
+		iov[*n].iov_len = (size_t)chunk;
+		(*n)++;
+		addr += chunk;
+		len -= chunk;
+	}
+	return PVD_OK;
+}
+
+#define PVD_SALVAGE_IOV 16
+
+/*
+ * Lock held.  A chain made of the first rlen bytes of the chain's first
+ * readable descriptor and the first wlen bytes of its first writable one,
+ * or NULL when either is missing, shorter, or not entirely in guest memory
+ * and the window (or on allocation failure).
+ */
+static struct pvd_chain *salvage_chain(struct pvd_vq *vq, const struct walk *w, uint32_t head,
+				       uint32_t rlen, uint32_t wlen)
+{
+	if (!w->have_r0 || !w->have_w0 || w->r0_len < rlen || w->w0_len < wlen)
+		return NULL;
+	struct iovec iov[2 * PVD_SALVAGE_IOV];
+	uint32_t n = 0;
+	if (salvage_part(w->t, w->r0_addr, rlen, iov, &n, PVD_SALVAGE_IOV))
+		return NULL;
+	uint32_t nr = n;
+	if (salvage_part(w->t, w->w0_addr, wlen, iov, &n, 2 * PVD_SALVAGE_IOV))
+		return NULL;
+	struct pvd_chain *c = malloc(sizeof(*c) + (size_t)n * sizeof(struct iovec));
+	if (!c)
+		return NULL;
+	memcpy(c->iov, iov, (size_t)n * sizeof(struct iovec));
+	c->nr = nr;
+	c->nw = n - nr;
+	c->rlen = rlen;
+	c->wlen = wlen;
+	c->head = head;
+	c->vq = vq;
+	c->gen = vq->gen;
+	c->tbl = vq->tbl;
+	pvd_table_get(c->tbl);
+	return c;
+}
+
+int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
+	       uint32_t salvage_rlen, uint32_t salvage_wlen)
 {
 	int rc;
 	*out = NULL;
@@ -572,9 +661,17 @@ int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head)
 		/* 2.7.10: ask for a kick when the driver goes past what we consumed. */
 		st16(AVAIL_EVENT(vq), vq->last_avail_idx, memory_order_relaxed);
 
-	struct walk w = { .vq = vq, .t = vq->tbl, .iov = vq->scratch };
+	int salvage = salvage_rlen > 0 && salvage_wlen > 0;
+	struct walk w = { .vq = vq, .t = vq->tbl, .iov = vq->scratch, .keep_going = salvage };
 	rc = walk_chain(&w, head);
-	if (rc == PVD_OK) {
+	if (rc == PVD_OK && w.addr_rc) {
+		/* Structurally sound, refused only for where its buffers lie. */
+		rc = w.addr_rc;
+		if (salvage && (*out = salvage_chain(vq, &w, head, salvage_rlen, salvage_wlen))) {
+			*bad_head = head;
+			goto out; /* not completed: the caller completes the salvage chain */
+		}
+	} else if (rc == PVD_OK) {
 		struct pvd_chain *c = malloc(sizeof(*c) + (size_t)w.niov * sizeof(struct iovec));
 		if (!c) {
 			rc = PVD_C_NOMEM;

@@ -280,3 +280,59 @@ async def test_every_queue_is_served(tmp_path: Path, queue: int) -> None:
     async with running_device(tmp_path, queue=queue) as rig:
         assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
         assert (await rig.fuse(GETATTR, 1, bytes(16)))[0] == 0
+
+
+async def test_strict_window_payload_outside_gets_eio_not_zeros(tmp_path: Path) -> None:
+    # Linux's virtio-fs driver ignores the used length and parses the reply
+    # header in the first writable buffer: a READ whose payload buffer lies
+    # outside the window must come back as an error, never as a zero header
+    # (error 0) over unwritten data.
+    async with running_device(tmp_path, window=(0, 2 << 20)) as rig:
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
+        assert err == 0
+        nodeid = parse_entry(payload).nodeid
+        err, payload = await rig.fuse(OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0))
+        assert err == 0
+        fh = struct.unpack_from("<Q", payload)[0]
+        q, outside = rig.q, 3 << 20
+        rig.ram.write(outside, b"\x5a" * 4096)
+        rig.unique += 1
+        data = request(READ, nodeid, read_body(fh, 0, 4096), unique=rig.unique)
+        req = q.alloc_data(data)
+        out = q.alloc(16)
+        rig.ram.write(out, b"\xff" * 16)
+        q.write_desc(50, req, len(data), VRING_DESC_F_NEXT, 51)
+        q.write_desc(51, out, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 52)
+        q.write_desc(52, outside, 4096, VRING_DESC_F_WRITE, 0)
+        q.publish(50)
+        assert await rig.submit() == [(50, 16)]
+        assert OUT_HEADER.unpack(rig.ram.read(out, 16)) == (16, -errno.EIO, rig.unique)
+        assert rig.ram.read(outside, 4096) == b"\x5a" * 4096  # nothing written outside
+        # the device keeps serving, the same READ inside the window works
+        err, payload = await rig.fuse(READ, nodeid, read_body(fh, 0, 4096), writable=[16, 4096])
+        assert err == 0 and payload == (bytes(range(256)) * 16)
+        # a request whose own header lies outside cannot be answered: used len 0
+        q.write_desc(53, outside, 80, VRING_DESC_F_NEXT, 54)
+        q.write_desc(54, out, 16, VRING_DESC_F_WRITE, 0)
+        q.publish(53)
+        assert await rig.submit() == [(53, 0)]
+        assert (await rig.fuse(GETATTR, 1, bytes(16)))[0] == 0
+
+
+async def test_strict_window_forget_with_body_outside_gets_no_reply(tmp_path: Path) -> None:
+    async with running_device(tmp_path, window=(0, 2 << 20)) as rig:
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        q = rig.q
+        forget = 2
+        hdr = request(forget, 1, struct.pack("<Q", 1), unique=999)[:40]
+        # a FORGET has no writable part, so give it one to make it salvageable
+        out = q.alloc(16)
+        rig.ram.write(out, b"\xee" * 16)
+        q.write_desc(50, q.alloc_data(hdr), 40, VRING_DESC_F_NEXT, 51)
+        q.write_desc(51, 3 << 20, 8, VRING_DESC_F_NEXT, 52)
+        q.write_desc(52, out, 16, VRING_DESC_F_WRITE, 0)
+        q.publish(50)
+        assert await rig.submit() == [(50, 0)]
+        assert rig.ram.read(out, 16) == b"\xee" * 16
+        assert (await rig.fuse(GETATTR, 1, bytes(16)))[0] == 0

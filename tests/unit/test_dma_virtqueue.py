@@ -893,3 +893,233 @@ def test_concurrent_replace_while_worker_pops() -> None:
     vq.close()
     os.close(kick)
     ram.close()
+
+
+# ------------------------------------------------------ salvaging a refused chain
+
+IN_HDR = bytes(range(1, 41))  # stands for a 40-byte fuse_in_header
+WIN = (0x80000, 0x40000)
+
+
+def _payload_outside_window(e: Env) -> tuple[int, int, int]:
+    """Header and reply slot in the window, body and payload outside: (head, out, payload)."""
+    q = e.q
+    out = q.alloc(16)
+    payload = 0x2000  # guest memory, below the window
+    e.ram.write(out, b"\xaa" * 16)
+    e.ram.write(payload, b"\xbb" * 64)
+    q.write_desc(0, q.alloc_data(IN_HDR), 40, N, 1)
+    q.write_desc(1, 0x1000, 24, N, 2)  # request body outside
+    q.write_desc(2, out, 16, W | N, 3)
+    q.write_desc(3, payload, 4096, W, 0)
+    q.publish(0)
+    return 0, out, payload
+
+
+@pytest.fixture
+def wenv() -> Iterator[Env]:
+    e = make_env(window=WIN, ring_base=0x80000)
+    yield e
+    e.vq.close()
+    e.ram.close()
+
+
+def test_salvage_chain_gets_header_and_reply_slot(wenv: Env) -> None:
+    head, out, payload = _payload_outside_window(wenv)
+    before = wenv.q.used_idx
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop(salvage=(40, 16))
+    e = ei.value
+    assert (e.head, e.reason) == (head, "descriptor buffer outside the swiotlb window")
+    assert not e.completed
+    s = e.salvage
+    assert s is not None and not s.completed
+    assert wenv.q.used_idx == before  # not completed by the core
+    assert (s.head, s.readable_len, s.writable_len) == (head, 40, 16)
+    assert s.read() == IN_HDR
+    with pytest.raises(ValueError):
+        s.write(bytes(17))
+    s.write(b"R" * 16)
+    s.complete(16)
+    assert s.completed
+    assert wenv.q.used_idx == (before + 1) & 0xFFFF
+    assert wenv.q.used_entry(before) == (head, 16)
+    assert wenv.ram.read(out, 16) == b"R" * 16
+    assert wenv.ram.read(payload, 64) == b"\xbb" * 64  # nothing written outside
+    with pytest.raises(DmaError):
+        s.complete(0)
+    good_chain_still_pops(wenv)
+
+
+def test_salvage_takes_only_the_requested_prefix(wenv: Env) -> None:
+    # first readable / writable descriptors longer than needed, straddling the window end
+    q = wenv.q
+    end = WIN[0] + WIN[1]
+    wenv.ram.write(end - 40, IN_HDR)
+    q.write_desc(0, end - 40, 80, N, 1)
+    q.write_desc(1, end - 16, 32, W, 0)
+    q.publish(0)
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop(salvage=(40, 16))
+    s = ei.value.salvage
+    assert s is not None
+    assert s.read() == IN_HDR
+    s.write(b"W" * 16)
+    s.complete(16)
+    assert wenv.q.collect_used() == [(0, 16)]
+    assert wenv.ram.read(end, 16) == bytes(16)
+
+
+def test_without_salvage_the_same_chain_is_completed_with_zero(wenv: Env) -> None:
+    head, out, _ = _payload_outside_window(wenv)
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop()
+    assert ei.value.salvage is None and ei.value.completed
+    assert wenv.q.collect_used() == [(head, 0)]
+    assert wenv.ram.read(out, 16) == b"\xaa" * 16
+
+
+def _reply_slot_outside(e: Env) -> None:
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR), 40, N, 1)
+    e.q.write_desc(1, 0x1000, 16, W, 0)
+    e.q.publish(0)
+
+
+def _header_outside(e: Env) -> None:
+    e.q.write_desc(0, 0x1000, 40, N, 1)
+    e.q.write_desc(1, e.q.alloc(16), 16, W, 0)
+    e.q.publish(0)
+
+
+def _header_too_short(e: Env) -> None:
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR[:39]), 39, N, 1)
+    e.q.write_desc(1, 0x1000, 1, N, 2)
+    e.q.write_desc(2, e.q.alloc(16), 16, W, 0)
+    e.q.publish(0)
+
+
+def _reply_slot_too_short(e: Env) -> None:
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR), 40, N, 1)
+    e.q.write_desc(1, e.q.alloc(8), 8, W | N, 2)
+    e.q.write_desc(2, 0x1000, 8, W, 0)
+    e.q.publish(0)
+
+
+def _no_writable(e: Env) -> None:
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR), 40, N, 1)
+    e.q.write_desc(1, 0x1000, 8, 0, 0)
+    e.q.publish(0)
+
+
+def _address_then_structural(e: Env) -> None:
+    # header and reply slot fine, a buffer outside, then a readable after writable
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR), 40, N, 1)
+    e.q.write_desc(1, 0x1000, 8, N, 2)
+    e.q.write_desc(2, e.q.alloc(16), 16, W | N, 3)
+    e.q.write_desc(3, e.q.alloc(8), 8, 0, 0)
+    e.q.publish(0)
+
+
+def _address_then_loop(e: Env) -> None:
+    e.q.write_desc(0, e.q.alloc_data(IN_HDR), 40, N, 1)
+    e.q.write_desc(1, e.q.alloc(16), 16, W | N, 2)
+    e.q.write_desc(2, 0x1000, 8, W | N, 1)
+    e.q.publish(0)
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (_reply_slot_outside, "descriptor buffer outside the swiotlb window"),
+        (_header_outside, "descriptor buffer outside the swiotlb window"),
+        (_header_too_short, "descriptor buffer outside the swiotlb window"),
+        (_reply_slot_too_short, "descriptor buffer outside the swiotlb window"),
+        (_no_writable, "descriptor buffer outside the swiotlb window"),
+        (_address_then_structural, "device-readable descriptor after a device-writable one"),
+        (_address_then_loop, "descriptor loop or chain longer than the queue size"),
+    ],
+    ids=[
+        "reply-outside",
+        "header-outside",
+        "header-short",
+        "reply-short",
+        "no-writable",
+        "then-read-after-write",
+        "then-loop",
+    ],
+)
+def test_unsalvageable_chain_is_completed_with_zero(
+    wenv: Env, build: Callable[[Env], None], reason: str
+) -> None:
+    before = wenv.q.used_idx
+    build(wenv)
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop(salvage=(40, 16))
+    assert ei.value.reason == reason
+    assert ei.value.salvage is None and ei.value.completed
+    assert wenv.q.used_entry(before) == (0, 0)
+    good_chain_still_pops(wenv)
+
+
+@pytest.mark.parametrize(("build", "reason"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_chains_unchanged_with_salvage(
+    env: Env, build: Callable[[SplitQueueBuilder], int], reason: str
+) -> None:
+    head = build(env.q)
+    before = env.q.used_idx
+    with pytest.raises(ChainError) as ei:
+        env.vq.pop(salvage=(1, 1))
+    assert (ei.value.head, ei.value.reason) == (head, reason)
+    assert ei.value.salvage is None and ei.value.completed
+    assert env.q.used_entry(before) == (head, 0)
+    good_chain_still_pops(env)
+
+
+def test_salvage_outside_guest_memory_through_indirect_table(env: Env) -> None:
+    q = env.q
+    hdr = q.alloc_data(IN_HDR)
+    out = q.alloc(16)
+    table = q.write_table([(hdr, 40, N, 1), (out, 16, W | N, 2), (2 * MiB, 4096, W, 0)])
+    q.write_desc(0, table, 48, IND, 0)
+    q.publish(0)
+    with pytest.raises(ChainError) as ei:
+        env.vq.pop(salvage=(40, 16))
+    assert ei.value.reason == "descriptor buffer outside guest memory"
+    s = ei.value.salvage
+    assert s is not None and s.read() == IN_HDR
+    s.write(b"x" * 16)
+    s.complete(16)
+    assert q.collect_used() == [(0, 16)]
+    assert env.ram.read(out, 16) == b"x" * 16
+
+
+def test_salvage_completion_after_reset_is_dropped(wenv: Env) -> None:
+    _payload_outside_window(wenv)
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop(salvage=(40, 16))
+    s = ei.value.salvage
+    assert s is not None
+    wenv.vq.set_base(0)
+    s.complete(0)  # stale: silently dropped
+    assert wenv.q.used_idx == 0
+
+
+@pytest.mark.parametrize("bad", [(0, 16), (40, 0), (-1, 16), (40, 2**32)])
+def test_salvage_sizes_are_checked(env: Env, bad: tuple[int, int]) -> None:
+    env.q.add_chain([b"x"], [1])
+    with pytest.raises(ValueError):
+        env.vq.pop(salvage=bad)
+    assert env.pop().read() == b"x"
+
+
+def test_chain_error_pickles_without_its_salvage(wenv: Env) -> None:
+    import pickle
+
+    _payload_outside_window(wenv)
+    with pytest.raises(ChainError) as ei:
+        wenv.vq.pop(salvage=(40, 16))
+    e = pickle.loads(pickle.dumps(ei.value))
+    assert (e.head, e.reason, e.salvage, e.completed) == (0, ei.value.reason, None, False)
+    assert ei.value.salvage is not None
+    ei.value.salvage.complete(0)
+    assert pickle.loads(pickle.dumps(ChainError(3, "x"))).completed
