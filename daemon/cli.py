@@ -229,6 +229,11 @@ def make_listener(args: argparse.Namespace) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mount"]:
+        from . import hostmount  # pyfuse3 is needed only for this subcommand
+
+        return hostmount.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES, indent=2))
