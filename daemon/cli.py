@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--flock", action="store_true", help="host-visible flock() locks")
     ap.add_argument(
+        "--allow-direct-io",
+        action="store_true",
+        help="honour the guest's O_DIRECT (host O_DIRECT, no guest page cache for that file)",
+    )
+    ap.add_argument(
         "--allow-device-nodes",
         action="store_true",
         help="let the guest create character/block device nodes (default: EPERM)",
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         posix_locks=args.posix_lock,
         flock=args.flock,
         allow_device_nodes=args.allow_device_nodes,
+        allow_direct_io=args.allow_direct_io,
         num_request_queues=args.num_request_queues,
         window=args.swiotlb,
         keep_listening=args.keep_listening,

@@ -41,6 +41,7 @@ class ServiceConfig:
     posix_locks: bool = False
     flock: bool = False
     allow_device_nodes: bool = False
+    allow_direct_io: bool = False
     num_request_queues: int = 16
     window: tuple[int, int] | None = None
     keep_listening: bool = False
@@ -59,6 +60,8 @@ def make_device(config: ServiceConfig) -> FsDevice:
         posix_locks=config.posix_locks,
         flock=config.flock,
         allow_device_nodes=config.allow_device_nodes,
+        cache=config.cache,
+        allow_direct_io=config.allow_direct_io,
     )
     session = FuseSession(fs)
     return FsDevice(session, num_request_queues=config.num_request_queues, window=config.window)

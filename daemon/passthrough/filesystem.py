@@ -200,9 +200,15 @@ class PassthroughFs:
         lock_wait_timeout: float = 0.25,
         posix_locks: bool = False,
         flock: bool = False,
+        cache: str = "auto",
+        allow_direct_io: bool = False,
     ) -> None:
+        if cache not in ("auto", "always", "never", "none"):
+            raise ValueError(f"unknown cache mode {cache!r}")
         self.posix_locks = posix_locks
         self.flock = flock
+        self.cache = "never" if cache == "none" else cache
+        self.allow_direct_io = allow_direct_io
         self.entry_timeout = _split_timeout(entry_timeout)
         self.attr_timeout = _split_timeout(attr_timeout)
         if lock_wait_timeout < 0:
@@ -246,9 +252,22 @@ class PassthroughFs:
 
     def _host_open_flags(self, flags: int) -> int:
         out = flags & _OPEN_PASS
+        if self.allow_direct_io:
+            out |= flags & os.O_DIRECT
         if self.writeback:
             out &= ~os.O_APPEND  # the guest page cache computes append offsets
         return out
+
+    def _open_out_flags(self, flags: int) -> int:
+        """FOPEN_* for an opened file, from the cache policy (as virtiofsd):
+        never -> direct I/O (no guest page cache), always -> keep the cache
+        across opens; with allow_direct_io a guest O_DIRECT open bypasses the
+        guest page cache too."""
+        if self.cache == "never" or (self.allow_direct_io and flags & os.O_DIRECT):
+            return int(abi.OpenOutFlag.DIRECT_IO)
+        if self.cache == "always":
+            return int(abi.OpenOutFlag.KEEP_CACHE)
+        return 0
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -387,7 +406,7 @@ class PassthroughFs:
             with creds, self._kill_if(flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID):
                 fd = self._open_inode(inode.fd, self._host_open_flags(flags))
         fh = self.handles.add(FileHandle(fd, nodeid))
-        return OpenOut(fh=fh, open_flags=0, padding=0)
+        return OpenOut(fh=fh, open_flags=self._open_out_flags(flags), padding=0)
 
     def read(self, fh: int, offset: int, size: int, into: ReadInto) -> int:
         """Read straight into the reply via ``into``; returns the byte count."""
@@ -726,7 +745,7 @@ class PassthroughFs:
             os.close(fd)
             raise
         fh = self.handles.add(FileHandle(fd, entry.nodeid))
-        return entry, OpenOut(fh=fh, open_flags=0, padding=0)
+        return entry, OpenOut(fh=fh, open_flags=self._open_out_flags(flags), padding=0)
 
     def _create_or_open(self, dir_fd: int, name: bytes, flags: int, oflags: int, mode: int) -> int:
         base = os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW

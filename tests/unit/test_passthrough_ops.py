@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 import stat
@@ -557,3 +558,33 @@ def test_access_checks_mode_bits(client: FuseClient, root: Path) -> None:
     assert _access(client, n, os.W_OK, 3000, 2000) == -errno.EACCES  # group: r--
     assert _access(client, n, 0x40, 1000, 1) == -errno.EINVAL
     assert _access(client, 1, os.X_OK, 0, 0) == 0
+
+
+def test_open_reply_flags_follow_cache_policy_and_direct_io(tmp_path: Path) -> None:
+    """cache=never -> FOPEN_DIRECT_IO, always -> FOPEN_KEEP_CACHE; O_DIRECT is
+    honoured (host O_DIRECT + FOPEN_DIRECT_IO) only with allow_direct_io."""
+    from pyvirtiofsd.daemon.fuse.abi import OpenOutFlag
+    from pyvirtiofsd.daemon.passthrough.filesystem import PassthroughFs, RequestContext
+    from pyvirtiofsd.daemon.passthrough.inodes import FileHandle
+
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    ctx = RequestContext(uid=0, gid=0, pid=1)
+    cases = [
+        ({"cache": "never"}, os.O_RDONLY, OpenOutFlag.DIRECT_IO, False),
+        ({"cache": "always"}, os.O_RDONLY, OpenOutFlag.KEEP_CACHE, False),
+        ({"cache": "auto"}, os.O_RDONLY | os.O_DIRECT, 0, False),
+        ({"allow_direct_io": True}, os.O_RDONLY | os.O_DIRECT, OpenOutFlag.DIRECT_IO, True),
+    ]
+    for kwargs, flags, want, host_direct in cases:
+        fs = PassthroughFs(tmp_path, **kwargs)  # type: ignore[arg-type]
+        try:
+            entry = fs.lookup(1, b"f")
+            out = fs.open(entry.nodeid, flags, ctx)
+            assert out.open_flags == int(want), kwargs
+            with fs.handles.borrow(out.fh, FileHandle) as handle:
+                fl = fcntl.fcntl(handle.fd, fcntl.F_GETFL)
+            assert bool(fl & os.O_DIRECT) == host_direct, kwargs
+        finally:
+            fs.close()
+    with pytest.raises(ValueError):
+        PassthroughFs(tmp_path, cache="sometimes")
