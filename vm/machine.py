@@ -10,6 +10,7 @@ by Ctrl-C) quits QEMU, stops every backend daemon and reaps them all::
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -125,7 +126,13 @@ class Machine:
         # its own window (the guest must know the assignment before probing)
         late = [s for s in shares if cfg.dma_mode == "per-device" and s.backend != "9p"]
         cold = [s for s in shares if s not in late]
-        bzimage = cfg.kernel if cfg.kernel is not None else build_kernel().bzimage
+        override = os.environ.get("PYVIRTIOFSD_GUEST_KERNEL")
+        if cfg.kernel is not None:
+            bzimage = cfg.kernel
+        elif override:  # kernel development: boot a tree's bzImage everywhere
+            bzimage = Path(override)
+        else:
+            bzimage = build_kernel().bzimage
         initrd = build_initramfs(cfg.extra_files)
         self.accel = choose_accel(cfg.accel, bzimage)
         if shutil.which(cfg.qemu) is None:

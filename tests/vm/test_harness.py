@@ -83,3 +83,25 @@ def test_boot_failure_is_reported_and_cleaned_up(
     with pytest.raises(MachineError, match=r"(?s)agent not ready.*console"), vm:
         pass
     assert not any(pid_exists(p) for p in vm.pids())
+
+
+def test_agent_survives_a_command_stuck_in_the_kernel(
+    share_dir: Path, no_leftover_processes: None
+) -> None:
+    """A command blocked uninterruptibly (a FUSE request its daemon never answers)
+    cannot be killed; the agent abandons it instead of hanging the harness."""
+    import signal
+
+    (share_dir / "f").write_bytes(b"data\n")
+    share = Share(share_dir, "s", backend="pyvirtiofsd")
+    with Machine(MachineConfig(shares=[share]), name="stuck") as vm:
+        daemon = vm.daemons[0].process
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            r = vm.agent.run("cat /mnt/s/f", timeout=2)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        assert r.status == -9
+        assert b"abandoned" in r.stderr
+        vm.agent.ping()
+        assert vm.agent.run("cat /mnt/s/f", check=True).stdout == b"data\n"

@@ -147,6 +147,9 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 	int32_t status;
 	int in_p[2], out_p[2], err_p[2];
 
+	/* Reap commands abandoned earlier that have died since. */
+	while (waitpid(-1, NULL, WNOHANG) > 0)
+		;
 	if (len < 8) {
 		send_frame(T_ERROR, id, "short EXEC", 10, NULL, 0, NULL, 0);
 		return;
@@ -195,7 +198,8 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 		in_p[1] = -1;
 	}
 	double deadline = timeout_s ? now() + timeout_s : 0;
-	int killed = 0;
+	int killed = 0, abandoned = 0;
+	double killed_at = 0;
 	int open_out = 1, open_err = 1;
 	char chunk[65536];
 	while (open_out || open_err) {
@@ -209,14 +213,26 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 			double left = deadline - now();
 			wait_ms = left > 0 ? (int)(left * 1000) + 1 : 0;
 		}
+		if (killed) {
+			/* A killed command stuck in an uninterruptible wait (a hung
+			 * filesystem) keeps its pipes open: give up on it after a
+			 * grace period rather than blocking the agent forever. */
+			double left = killed_at + 5.0 - now();
+			wait_ms = left > 0 ? (int)(left * 1000) + 1 : 0;
+		}
 		int r = poll(pf, 3, wait_ms);
 		if (r < 0 && errno == EINTR)
 			continue;
+		if (r == 0 && killed) {
+			abandoned = 1;
+			break;
+		}
 		if (r == 0 && deadline && !killed) {
 			/* Time is up: kill the whole session the command started. */
 			kill(-pid, SIGKILL);
 			kill(pid, SIGKILL);
 			killed = 1;
+			killed_at = now();
 			continue;
 		}
 		for (int i = 0; i < 2; i++) {
@@ -247,11 +263,22 @@ static void do_exec(uint32_t id, const char *payload, uint32_t len)
 	}
 	if (in_p[1] >= 0)
 		close(in_p[1]);
-	int ws;
-	while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
-		;
-	uint64_t elapsed_ns = (uint64_t)((now() - started) * 1e9);
-	status = WIFEXITED(ws) ? WEXITSTATUS(ws) : -WTERMSIG(ws);
+	if (open_out)
+		close(out_p[0]);
+	if (open_err)
+		close(err_p[0]);
+	int ws = 0;
+	uint64_t elapsed_ns;
+	if (abandoned) {
+		/* Left to init to reap once (if ever) it dies. */
+		status = -SIGKILL;
+		buf_append(&err, "\n[pva-agent: command did not die after SIGKILL; abandoned]\n", 59);
+	} else {
+		while (waitpid(pid, &ws, 0) < 0 && errno == EINTR)
+			;
+		status = WIFEXITED(ws) ? WEXITSTATUS(ws) : -WTERMSIG(ws);
+	}
+	elapsed_ns = (uint64_t)((now() - started) * 1e9);
 	if (err.truncated)
 		buf_append(&err, "\n[pva-agent: output truncated]\n", 31);
 	unsigned char hdr[20];
