@@ -10,6 +10,7 @@ Extra static binaries (test tools) can be added with ``extra_files``.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -114,7 +115,7 @@ class CpioWriter:
 
 def build_agent(out_dir: Path) -> Path:
     """Compile the guest agent as a static binary."""
-    out = out_dir / "pva-agent"
+    out = out_dir / f"pva-agent.{os.getpid()}"
     cmd = ["cc", "-static", "-Os", "-Wall", "-Wextra", "-o", str(out), str(AGENT_SOURCE)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -154,8 +155,16 @@ def build_initramfs(extra_files: Sequence[ExtraFile] = ()) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     key = _key(extra_files)
     out = root / f"initramfs-{key}.cpio.gz"
-    if out.exists():
-        return out
+    # Several test sessions may build the same image at once: one builds, the
+    # others wait and reuse it.
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            _write_initramfs(root, out, extra_files)
+    return out
+
+
+def _write_initramfs(root: Path, out: Path, extra_files: Sequence[ExtraFile]) -> None:
     agent = build_agent(root)
 
     cpio = CpioWriter()
@@ -190,6 +199,7 @@ def build_initramfs(extra_files: Sequence[ExtraFile] = ()) -> Path:
             cpio.symlink(a, "/bin/busybox")
     cpio.symlink("init", "/bin/busybox")
     cpio.file("sbin/pva-agent", agent.read_bytes(), 0o755)
+    agent.unlink()
     cpio.file("etc/inittab", (GUEST_SRC_DIR / "inittab").read_bytes())
     cpio.file("etc/rc.sysinit", (GUEST_SRC_DIR / "rc.sysinit").read_bytes(), 0o755)
     cpio.file("etc/passwd", ETC_PASSWD.encode())
@@ -197,11 +207,10 @@ def build_initramfs(extra_files: Sequence[ExtraFile] = ()) -> Path:
     cpio.file("etc/profile", ETC_PROFILE.encode())
     for e in extra_files:
         cpio.file(e.dest, e.source.read_bytes(), e.mode)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
         gz.write(cpio.finish())
     os.replace(tmp, out)
-    return out
 
 
 def main() -> int:

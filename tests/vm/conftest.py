@@ -34,3 +34,22 @@ def share_dir(tmp_path: Path) -> Path:
     d = tmp_path / "share"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def perf_table(request: pytest.FixtureRequest) -> Iterator[list[tuple[str, str, str]]]:
+    """Rows (workload, backend, numbers) printed side by side at the end of the session.
+
+    Tests comparing pyvirtiofsd with the C virtiofsd append to it; the table is
+    written to the terminal even without ``-s``.
+    """
+    rows: list[tuple[str, str, str]] = []
+    yield rows
+    if not rows:
+        return
+    lines = ["", "== pyvirtiofsd vs C virtiofsd (guest-side numbers) =="]
+    for workload, backend, numbers in sorted(rows):
+        lines.append(f"{workload:<22} {backend:<12} {numbers}")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print("\n".join(lines), flush=True)
