@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--flock", action="store_true", help="host-visible flock() locks")
     ap.add_argument(
+        "--announce-submounts",
+        action="store_true",
+        help="tell the guest about host mount points inside the share (own st_dev there)",
+    )
+    ap.add_argument(
         "--allow-direct-io",
         action="store_true",
         help="honour the guest's O_DIRECT (host O_DIRECT, no guest page cache for that file)",
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         flock=args.flock,
         allow_device_nodes=args.allow_device_nodes,
         allow_direct_io=args.allow_direct_io,
+        announce_submounts=args.announce_submounts,
         num_request_queues=args.num_request_queues,
         window=args.swiotlb,
         keep_listening=args.keep_listening,

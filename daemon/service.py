@@ -42,6 +42,7 @@ class ServiceConfig:
     flock: bool = False
     allow_device_nodes: bool = False
     allow_direct_io: bool = False
+    announce_submounts: bool = False
     num_request_queues: int = 16
     window: tuple[int, int] | None = None
     keep_listening: bool = False
@@ -62,6 +63,7 @@ def make_device(config: ServiceConfig) -> FsDevice:
         allow_device_nodes=config.allow_device_nodes,
         cache=config.cache,
         allow_direct_io=config.allow_direct_io,
+        announce_submounts=config.announce_submounts,
     )
     session = FuseSession(fs)
     return FsDevice(session, num_request_queues=config.num_request_queues, window=config.window)

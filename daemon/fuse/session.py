@@ -148,6 +148,8 @@ def wanted_init_flags(fs: _pfs.PassthroughFs) -> InitFlag:
     # SETLKW cannot wait there for the unlock behind it and is answered with
     # EDEADLK after a short wait. Without these flags the guest kernel does
     # the locking itself, with correct blocking semantics.
+    if fs.announce_submounts:
+        flags |= InitFlag.SUBMOUNTS
     if not fs.posix_locks:
         flags &= ~InitFlag.POSIX_LOCKS
     if not fs.flock:

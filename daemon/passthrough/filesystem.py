@@ -92,6 +92,8 @@ _FATTR_TIMES = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FAT
 _MAX_RW = 0x7FFF_F000  # MAX_RW_COUNT: the kernel's cap on one transfer
 
 _U32 = 0xFFFF_FFFF
+#: fuse_attr.flags: this directory is a mount point on the host (FUSE 7.32).
+FUSE_ATTR_SUBMOUNT = 1 << 0
 _NS = 1_000_000_000
 
 
@@ -202,7 +204,9 @@ class PassthroughFs:
         flock: bool = False,
         cache: str = "auto",
         allow_direct_io: bool = False,
+        announce_submounts: bool = False,
     ) -> None:
+        self.announce_submounts = announce_submounts
         if cache not in ("auto", "always", "never", "none"):
             raise ValueError(f"unknown cache mode {cache!r}")
         self.posix_locks = posix_locks
@@ -296,7 +300,12 @@ class PassthroughFs:
         inode = self.inodes.add_lookup(path_fd, st)
         return self._entry(inode.nodeid, st)
 
-    def _entry(self, nodeid: int, st: os.stat_result) -> EntryOut:
+    def _entry(self, nodeid: int, st: os.stat_result, *, submount: bool = False) -> EntryOut:
+        attr = stat_to_attr(st)
+        if submount:
+            # FUSE_ATTR_SUBMOUNT: the guest mounts this directory as its own
+            # filesystem (own st_dev), like the host's mount point it is.
+            attr = attr._replace(flags=attr.flags | FUSE_ATTR_SUBMOUNT)
         return EntryOut(
             nodeid=nodeid,
             generation=0,
@@ -304,7 +313,7 @@ class PassthroughFs:
             attr_valid=self.attr_timeout[0],
             entry_valid_nsec=self.entry_timeout[1],
             attr_valid_nsec=self.attr_timeout[1],
-            attr=stat_to_attr(st),
+            attr=attr,
         )
 
     def _lookup_at(self, dir_fd: int, name: bytes) -> EntryOut:
@@ -316,7 +325,12 @@ class PassthroughFs:
             os.close(fd)
             raise
         inode = self.inodes.add_lookup(fd, st)
-        return self._entry(inode.nodeid, st)
+        submount = (
+            self.announce_submounts
+            and stat.S_ISDIR(st.st_mode)
+            and st.st_dev != os.fstat(dir_fd).st_dev
+        )
+        return self._entry(inode.nodeid, st, submount=submount)
 
     def _snapshot(self, handle: DirHandle) -> list[DirEntry]:
         st = os.fstat(handle.fd)

@@ -588,3 +588,29 @@ def test_open_reply_flags_follow_cache_policy_and_direct_io(tmp_path: Path) -> N
             fs.close()
     with pytest.raises(ValueError):
         PassthroughFs(tmp_path, cache="sometimes")
+
+
+def test_announce_submounts_marks_host_mount_points(tmp_path: Path) -> None:
+    """A directory that is a mount point on the host carries FUSE_ATTR_SUBMOUNT
+    (only with announce_submounts), and INIT then offers FUSE_SUBMOUNTS."""
+    import subprocess
+
+    from pyvirtiofsd.daemon.fuse.abi import InitFlag
+    from pyvirtiofsd.daemon.fuse.session import wanted_init_flags
+    from pyvirtiofsd.daemon.passthrough.filesystem import FUSE_ATTR_SUBMOUNT, PassthroughFs
+
+    (tmp_path / "plain").mkdir()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "pva-sub", str(mnt)], check=True)
+    try:
+        for announce in (False, True):
+            fs = PassthroughFs(tmp_path, announce_submounts=announce)
+            try:
+                assert bool(fs.lookup(1, b"mnt").attr.flags & FUSE_ATTR_SUBMOUNT) == announce
+                assert not fs.lookup(1, b"plain").attr.flags & FUSE_ATTR_SUBMOUNT
+                assert bool(wanted_init_flags(fs) & InitFlag.SUBMOUNTS) == announce
+            finally:
+                fs.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
