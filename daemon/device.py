@@ -23,7 +23,7 @@ import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyvirtiofsd.dma import (
     Chain,
@@ -80,7 +80,6 @@ class _Ring:
     enabled: bool = False
     broken: bool = False
     worker: threading.Thread | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class FsDevice(VhostUserDeviceBase):
