@@ -261,36 +261,49 @@ class Machine:
             self.mount_when_ready(share)
         return daemon
 
+    def wait_in_guest(self, condition: str, what: str, timeout: float = 30.0) -> None:
+        """Poll a shell ``condition`` in the guest every 0.1 s until it holds.
+
+        For guest state that changes asynchronously with no event to wait on
+        (ACPI hotplug, driver probe): bounded, like ``udevadm settle``.
+        Raises MachineError naming ``what`` was awaited.
+        """
+        loops = max(1, int(timeout * 10))
+        script = (
+            f"i=0; while ! ( {condition} ) >/dev/null 2>&1; do "
+            f"i=$((i+1)); [ $i -ge {loops} ] && exit 1; sleep 0.1; done"
+        )
+        if self.agent.run(script, timeout=timeout + 10).status != 0:
+            raise MachineError(f"timed out after {timeout:.0f} s waiting for {what}")
+
     def mount_when_ready(self, share: Share) -> None:
         """Mount a just hot-plugged share once the guest has bound its device.
 
-        ACPI hotplug binds the device asynchronously and 6.1 publishes no event
-        for "virtio-fs tag registered": retry the mount in the guest, bounded
-        (like ``udevadm settle``), until the tag is known.
+        6.1 publishes no event for "virtio-fs tag registered": retry the mount
+        until the tag is known.
         """
         cmd = share.mount_command()
-        retry = f"for i in $(seq 300); do {cmd} 2>/dev/null && exit 0; sleep 0.1; done; {cmd}"
-        r = self.agent.run(retry, timeout=60)
-        if r.status != 0:
-            raise MachineError(
-                f"hot-plugged share {share.tag} never became mountable: "
-                f"{r.stderr.decode(errors='replace').strip()}"
-            )
+        try:
+            self.wait_in_guest(cmd, f"hot-plugged share {share.tag} to become mountable")
+        except MachineError as e:
+            r = self.agent.run(cmd, timeout=60)  # one last try, for its error message
+            if r.status != 0:
+                raise MachineError(
+                    f"hot-plugged share {share.tag} never became mountable: "
+                    f"{r.stderr.decode(errors='replace').strip()}"
+                ) from e
 
     def wait_for_virtio(self, address: str, timeout: float = 30.0) -> None:
-        """Wait (bounded, in the guest) until virtio-pci has finished probing the
-        hot-plugged device at ``address`` (its virtio device is registered).
+        """Wait until virtio-pci has finished probing the hot-plugged device at
+        ``address`` (its virtio device is registered).
 
         The PCI ``driver`` link is no such signal: it appears before probe runs.
         """
-        cond = f"ls -d /sys/bus/pci/devices/{address}/virtio* >/dev/null 2>&1"
-        steps = int(timeout * 10)
-        r = self.agent.run(
-            f"for i in $(seq {steps}); do {cond} && exit 0; sleep 0.1; done; exit 1",
-            timeout=timeout + 10,
+        self.wait_in_guest(
+            f"ls -d /sys/bus/pci/devices/{address}/virtio*",
+            f"virtio-pci to probe {address}",
+            timeout,
         )
-        if r.status != 0:
-            raise MachineError(f"virtio-pci did not probe {address} within {timeout:.0f} s")
 
     def unplug(self, device_id: str, timeout: float = 30.0, *, remove_chardev: bool = True) -> None:
         """``device_del`` and wait for QEMU's DEVICE_DELETED (the guest released it)."""

@@ -54,17 +54,6 @@ def assign(vm: Machine, line: str) -> int:
     return status
 
 
-def wait_in_guest(vm: Machine, condition: str, timeout: float = 60) -> None:
-    """Poll a shell condition inside the guest until it holds."""
-    loops = int(timeout * 10)
-    script = (
-        f"i=0; while ! ( {condition} ) >/dev/null 2>&1; do "
-        f"i=$((i+1)); [ $i -ge {loops} ] && exit 1; sleep 0.1; done"
-    )
-    r = vm.agent.run(script, timeout=timeout + 10)
-    assert r.status == 0, f"guest condition never held: {condition}"
-
-
 def plug_9p(vm: Machine, dev_id: str, fsdev: str, tag: str, slot: int) -> None:
     vm.qmp_command(
         "device_add",
@@ -76,7 +65,11 @@ def plug_9p(vm: Machine, dev_id: str, fsdev: str, tag: str, slot: int) -> None:
         **{"disable-legacy": "on", "iommu_platform": "on"},
     )
     # ACPI hotplug is asynchronous: wait until 9p registered the tag.
-    wait_in_guest(vm, f"grep -qx {tag} /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag")
+    vm.wait_in_guest(
+        f"grep -qx {tag} /sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag",
+        f"9p tag {tag} to register",
+        timeout=60,
+    )
 
 
 def unplug(vm: Machine, dev_id: str, timeout: float = 60) -> None:
