@@ -30,6 +30,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
+from .device import DEFAULT_THREAD_POOL_SIZE
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -58,6 +59,16 @@ def backend_descriptor() -> dict[str, str]:
         "type": "fs",
         "binary": str(Path(binary).resolve()),
     }
+
+
+def _pool_size(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"{n} is not in 0..1024")
+    return n
 
 
 def parse_swiotlb(text: str) -> tuple[int, int]:
@@ -154,11 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--readonly", action="store_true", help="refuse every modification")
     ap.add_argument(
         "--thread-pool-size",
-        type=int,
-        default=0,
+        type=_pool_size,
+        default=DEFAULT_THREAD_POOL_SIZE,
         metavar="N",
-        help="accepted for compatibility; every request queue has its own worker "
-        "thread and I/O runs without the GIL",
+        help="Python worker threads for the requests the C fast path does not answer "
+        f"(GETATTR/READ/WRITE run in C on each queue's thread); 0: serve them on the "
+        f"queue's own thread (default {DEFAULT_THREAD_POOL_SIZE})",
+    )
+    ap.add_argument(
+        "--stats-file",
+        type=Path,
+        metavar="PATH",
+        help="keep per-queue request counts here as JSON while serving (rewritten "
+        "every 0.2 s and when a device stops)",
     )
     ap.add_argument(
         "--num-request-queues",
@@ -289,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         num_request_queues=args.num_request_queues,
         window=args.swiotlb,
         keep_listening=args.keep_listening,
+        thread_pool_size=args.thread_pool_size,
+        stats_file=args.stats_file,
     )
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:

@@ -1,13 +1,24 @@
-"""The virtio-fs device: vhost-user requests in, queue workers and FUSE out.
+"""The virtio-fs device: vhost-user requests in, queue runners and FUSE out.
 
 :class:`FsDevice` is what the vhost-user handler drives (it implements
 :class:`~.vhost_user.backend.VhostUserDevice`). It owns the guest memory map
 and one :class:`~pyvirtiofsd.dma.VirtQueue` per virtqueue (queue 0 is the
-high-priority queue, 1..N the request queues), and runs one worker thread per
-started and enabled queue. A worker waits for kicks in C (GIL released), pops
-descriptor chains, hands each to the :class:`~.fuse.session.FuseSession`
-and completes it; the FUSE session moves READ/WRITE payloads between files
-and guest memory in C too, so queues do not serialise behind one Python loop.
+high-priority queue, 1..N the request queues).
+
+Serving (see DESIGN.md, "Threading"):
+
+* Each started and enabled queue has a *runner* thread that lives in C
+  (:meth:`VirtQueue.run`, GIL released): it waits for kicks, pops chains and
+  answers GETATTR, READ and WRITE in place from the C fast path's mirror of
+  the passthrough tables (:class:`~pyvirtiofsd.dma.FastPath`).
+* Every other request goes to a :class:`~pyvirtiofsd.dma.SlowQueue` shared by
+  the device's Python workers (``thread_pool_size`` of them), which run the
+  :class:`~.fuse.session.FuseSession` and complete the chain themselves,
+  in whatever order they finish: virtio lets a device complete out of
+  order.  With ``thread_pool_size=0`` the runner hands requests back to its
+  own thread instead (the Rust virtiofsd's default).
+* A request that may block indefinitely (SETLKW) runs on a thread of its
+  own, so no queue or worker waits behind it.
 
 Strict window mode (``window=(base, size)``): only that range of guest
 memory is mapped, and a ring or descriptor outside the window fails that
@@ -20,18 +31,23 @@ machine has no vIOMMU.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyvirtiofsd.dma import (
     Chain,
     ChainError,
     DmaError,
+    FastPath,
     GuestMemory,
     MemoryRegion,
     QueueError,
+    SlowQueue,
     VirtQueue,
 )
 
@@ -66,6 +82,15 @@ PROTOCOL_FEATURES = (
 )
 
 MAX_QUEUE_SIZE = 1024
+#: Python workers serving the requests the C fast path does not (--thread-pool-size).
+DEFAULT_THREAD_POOL_SIZE = 4
+#: Most requests blocked at once in a wait of their own (SETLKW); past it a
+#: wait occupies a pool worker.
+MAX_BLOCKING_WAITS = 64
+#: How long stopping a ring waits for its requests still in Python workers.
+DRAIN_TIMEOUT = 5.0
+#: Period of the stats file rewrite.
+STATS_PERIOD = 0.2
 
 
 @dataclass
@@ -79,7 +104,11 @@ class _Ring:
     kicked: bool = False  # a kick fd (or "no fd" = polling) was received
     enabled: bool = False
     broken: bool = False
-    worker: threading.Thread | None = None
+    runner: threading.Thread | None = None
+    err_fd: int | None = None
+    #: chains of this ring completed by Python (vq.stats().slow counts those handed over)
+    slow_done: int = 0
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
 
 class FsDevice(VhostUserDeviceBase):
@@ -91,9 +120,14 @@ class FsDevice(VhostUserDeviceBase):
         *,
         num_request_queues: int = 16,
         window: tuple[int, int] | None = None,
+        thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE,
+        fast_path: bool = True,
+        stats_file: Path | None = None,
     ) -> None:
         if not 1 <= num_request_queues <= 255:
             raise ValueError("num_request_queues must be 1..255")
+        if not 0 <= thread_pool_size <= 1024:
+            raise ValueError("thread_pool_size must be 0..1024")
         self.session = session
         self.window = window
         self.memory = GuestMemory(window=window)
@@ -103,6 +137,18 @@ class FsDevice(VhostUserDeviceBase):
         self._acked = 0
         self._status = 0
         self._backend_req_fd: int | None = None
+        self.fast: FastPath | None = None
+        if fast_path:
+            self.fast = FastPath()
+            session.fs.attach_fast_path(self.fast)
+            session.fast = self.fast
+        self._pool_size = thread_pool_size
+        self._slow = SlowQueue() if thread_pool_size else None
+        self._pool: list[threading.Thread] = []
+        self._waits = threading.BoundedSemaphore(MAX_BLOCKING_WAITS)
+        self._stats_file = stats_file
+        self._stats_stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
 
     # -- features ------------------------------------------------------------
     def num_queues(self) -> int:
@@ -187,7 +233,7 @@ class FsDevice(VhostUserDeviceBase):
     def get_vring_base(self, index: int) -> int:
         ring = self._ring(index)
         self._stop(ring)
-        base = ring.vq.last_avail_idx if ring.addr is not None else ring.base
+        base = ring.base  # _stop saved where the ring stopped
         ring.vq.reset()
         ring.kicked = False
         ring.broken = False
@@ -205,9 +251,10 @@ class FsDevice(VhostUserDeviceBase):
         self._ring(index).vq.set_call_fd(fd)
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
-        self._ring(index)
-        if fd is not None:
-            os.close(fd)  # errors are logged, not signalled to the front-end
+        ring = self._ring(index)
+        old, ring.err_fd = ring.err_fd, fd
+        if old is not None:
+            os.close(old)
 
     def set_vring_enable(self, index: int, enabled: bool) -> None:
         ring = self._ring(index)
@@ -236,6 +283,10 @@ class FsDevice(VhostUserDeviceBase):
             ring.vq.set_call_fd(None)
             ring.num, ring.addr, ring.base = 0, None, 0
             ring.kicked = ring.enabled = ring.broken = False
+            if ring.err_fd is not None:
+                os.close(ring.err_fd)
+                ring.err_fd = None
+        self._log_queue_stats()
         self.memory.clear()
         if self._backend_req_fd is not None:
             os.close(self._backend_req_fd)
@@ -245,15 +296,25 @@ class FsDevice(VhostUserDeviceBase):
         self.session.reset()
 
     def close(self) -> None:
-        """Reset, then release the queues' fds and the filesystem (root included)."""
+        """Reset, then release the queues' fds, the workers and the filesystem (root included)."""
         self.reset()
+        if self._slow is not None:
+            self._slow.close()
+        for worker in self._pool:
+            worker.join()
+        self._pool.clear()
+        self._stats_stop.set()
+        if self._stats_thread is not None:
+            self._stats_thread.join()
+            self._stats_thread = None
+        self._write_stats()
         for ring in self._rings:
             ring.vq.close()
         self.session.close()
 
-    # -- workers -------------------------------------------------------------
+    # -- runners and workers ---------------------------------------------------
     def _maybe_start(self, ring: _Ring) -> None:
-        if ring.worker is not None or not (ring.kicked and ring.enabled):
+        if ring.runner is not None or not (ring.kicked and ring.enabled):
             return
         if ring.addr is None or ring.num == 0:
             raise DeviceError(f"vring {ring.vq.index}: started before its size/addresses were set")
@@ -275,72 +336,186 @@ class FsDevice(VhostUserDeviceBase):
             ring.broken = True
             log.error("vring %d refused: %s; the queue stays stopped", ring.vq.index, e)
             raise DeviceError(f"vring {ring.vq.index}: {e}") from e
-        worker = threading.Thread(
-            target=self._serve_queue, args=(ring,), name=f"vq{ring.vq.index}", daemon=True
+        self._start_workers()
+        runner = threading.Thread(
+            target=self._run_queue, args=(ring,), name=f"vq{ring.vq.index}", daemon=True
         )
-        ring.worker = worker
-        worker.start()
+        ring.runner = runner
+        runner.start()
+
+    def _start_workers(self) -> None:
+        """The Python pool and the stats writer, once, at the first ring start."""
+        while self._slow is not None and len(self._pool) < self._pool_size:
+            worker = threading.Thread(
+                target=self._pool_worker, name=f"fuse{len(self._pool)}", daemon=True
+            )
+            self._pool.append(worker)
+            worker.start()
+        if self._stats_file is not None and self._stats_thread is None:
+            self._stats_thread = threading.Thread(
+                target=self._stats_writer, name="stats", daemon=True
+            )
+            self._stats_thread.start()
 
     def _stop(self, ring: _Ring) -> None:
-        worker = ring.worker
-        if worker is None:
+        """Stop the runner, let Python finish the ring's requests, save where it stopped.
+
+        The saved base is what a restart without GET_VRING_BASE (a second
+        SET_VRING_KICK, SET_VRING_ENABLE 0 then 1) resumes from, so requests
+        already served are never served again.
+        """
+        runner = ring.runner
+        if runner is None:
             return
         ring.vq.stop()
-        worker.join()
-        ring.worker = None
+        runner.join()
+        ring.runner = None
+        self._drain_python(ring)
+        if ring.vq.size:
+            ring.base = ring.vq.last_avail_idx
 
-    def _serve_queue(self, ring: _Ring) -> None:
+    def _drain_python(self, ring: _Ring) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        with ring.lock:
+            while (pending := ring.vq.stats().slow - ring.slow_done) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "queue %d stopped with %d request(s) still in progress; "
+                        "their replies will be dropped",
+                        ring.vq.index,
+                        pending,
+                    )
+                    return
+                ring.lock.wait(left)
+
+    def _run_queue(self, ring: _Ring) -> None:
         vq = ring.vq
-        log.debug("queue %d: worker started (size %d)", vq.index, vq.size)
+        log.debug("queue %d: runner started (size %d)", vq.index, vq.size)
         try:
-            while True:
-                self._drain(ring)
-                if ring.broken or not vq.wait_kick():
+            while not ring.broken:
+                try:
+                    chain = vq.run(self.fast, self._slow, salvage=_SALVAGE)
+                except ChainError as e:
+                    log.error("queue %d: request %d refused: %s", vq.index, e.head, e.reason)
+                    if e.salvage is not None:
+                        _fail_salvaged(vq.index, e.salvage)
+                        vq.notify_if_needed()
+                    continue
+                except QueueError as e:
+                    log.error("queue %d: ring unusable, queue stopped: %s", vq.index, e)
+                    ring.broken = True
+                    self._signal_error(ring)
                     break
-        except Exception:  # a bug, not guest input: log it and keep the daemon up
-            log.exception("queue %d: worker failed; the queue is stopped", vq.index)
-        log.debug("queue %d: worker stopped", vq.index)
+                if chain is None:
+                    break  # stopped
+                self._serve(chain)  # no pool (thread_pool_size 0): serve it here
+        except Exception:  # a bug, not guest input: log it, tell the front-end
+            log.exception("queue %d: runner failed; the queue is stopped", vq.index)
+            self._signal_error(ring)
+        log.debug("queue %d: runner stopped", vq.index)
 
-    def _drain(self, ring: _Ring) -> None:
-        """Serve every available chain, with notification suppression."""
-        vq = ring.vq
-        while True:
-            vq.disable_notification()
-            served = self._serve_available(ring)
-            vq.enable_notification()
-            # A chain made available after the last pop but before notifications
-            # were re-enabled would otherwise wait for the next kick.
-            if not served or not self._serve_available(ring):
-                break
-        vq.notify_if_needed()
+    def _signal_error(self, ring: _Ring) -> None:
+        """VHOST_USER_SET_VRING_ERR: the front-end learns that this queue is dead."""
+        if ring.err_fd is not None:
+            try:
+                os.write(ring.err_fd, (1).to_bytes(8, "little"))
+            except OSError as e:
+                log.warning("queue %d: cannot signal the error eventfd: %s", ring.vq.index, e)
 
-    def _serve_available(self, ring: _Ring) -> int:
-        vq = ring.vq
-        served = 0
-        while True:
+    def _queue(self, index: int) -> VirtQueue:
+        return self._rings[index].vq
+
+    def _pool_worker(self) -> None:
+        assert self._slow is not None
+        try:
+            while (chain := self._slow.take(self._queue)) is not None:
+                self._serve(chain)
+        except Exception:
+            log.exception("FUSE worker failed; the remaining workers go on")
+
+    def _serve(self, chain: Chain) -> None:
+        """Run one request in Python and complete it (any thread)."""
+        if chain.opcode == abi.Opcode.SETLKW and self._waits.acquire(blocking=False):
+            waiter = threading.Thread(
+                target=self._serve_blocking, args=(chain,), name="lockwait", daemon=True
+            )
             try:
-                chain = vq.pop(salvage=_SALVAGE)
-            except ChainError as e:
-                log.error("queue %d: request %d refused: %s", vq.index, e.head, e.reason)
-                if e.salvage is not None:
-                    _fail_salvaged(vq.index, e.salvage)
-                served += 1
-                continue
-            except QueueError as e:
-                log.error("queue %d: ring unusable, queue stopped: %s", vq.index, e)
-                ring.broken = True
-                return served
-            if chain is None:
-                return served
-            try:
-                used = self.session.handle(chain)
-            except Exception:
-                log.exception("queue %d: request %d failed", vq.index, chain.head)
-                used = 0
+                waiter.start()
+                return
+            except RuntimeError:  # no thread: serve it here after all
+                self._waits.release()
+        self._serve_now(chain)
+
+    def _serve_blocking(self, chain: Chain) -> None:
+        try:
+            self._serve_now(chain)
+        finally:
+            self._waits.release()
+
+    def _serve_now(self, chain: Chain) -> None:
+        vq = chain.queue
+        try:
+            used = self.session.handle(chain)
+        except Exception:
+            log.exception("queue %d: request %d failed", vq.index, chain.head)
+            used = 0
+        ring = self._rings[vq.index]
+        try:
             chain.complete(min(used, chain.writable_len))
-            served += 1
-            if served % 64 == 0:
-                vq.notify_if_needed()
+            vq.notify_if_needed()
+        except DmaError as e:
+            log.error("queue %d: request %d not completed: %s", vq.index, chain.head, e)
+        finally:
+            with ring.lock:
+                ring.slow_done += 1
+                ring.lock.notify_all()
+
+    # -- statistics ---------------------------------------------------------------
+    def queue_stats(self) -> dict[str, object]:
+        """Per-queue request counts and fast-path figures (the stats file's content)."""
+        queues = {}
+        for ring in self._rings:
+            st = ring.vq.stats()
+            queues[str(ring.vq.index)] = {
+                "requests": st.requests,
+                "fast": st.fast,
+                "slow": st.slow,
+                "defects": st.defects,
+                "running": ring.runner is not None,
+            }
+        out: dict[str, object] = {"pid": os.getpid(), "queues": queues}
+        if self.fast is not None:
+            fp = self.fast.stats()
+            out["fast_path"] = {"getattr": fp.getattr, "read": fp.read, "write": fp.write}
+            out["busy_now"] = fp.busy_now
+            out["busy_max"] = fp.busy_max
+        return out
+
+    def _write_stats(self) -> None:
+        if self._stats_file is None:
+            return
+        tmp = self._stats_file.with_name(self._stats_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.queue_stats(), sort_keys=True) + "\n")
+            os.replace(tmp, self._stats_file)
+        except OSError as e:
+            log.warning("cannot write the stats file %s: %s", self._stats_file, e)
+
+    def _stats_writer(self) -> None:
+        while not self._stats_stop.wait(STATS_PERIOD):
+            self._write_stats()
+
+    def _log_queue_stats(self) -> None:
+        busy = [r for r in self._rings if r.vq.stats().requests]
+        if not busy:
+            return
+        parts = []
+        for ring in busy:
+            st = ring.vq.stats()
+            parts.append(f"q{ring.vq.index}={st.requests} ({st.fast} fast, {st.defects} refused)")
+        log.info("requests per queue: %s", ", ".join(parts))
+        self._write_stats()
 
 
 #: Ask the queue for the FUSE headers of a chain refused only because some of

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from .device import FsDevice
+from .device import DEFAULT_THREAD_POOL_SIZE, FsDevice
 from .fuse.session import FuseSession
 from .passthrough.filesystem import PassthroughFs
 
@@ -46,6 +46,8 @@ class ServiceConfig:
     num_request_queues: int = 16
     window: tuple[int, int] | None = None
     keep_listening: bool = False
+    thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE
+    stats_file: Path | None = None
 
 
 def make_device(config: ServiceConfig) -> FsDevice:
@@ -66,7 +68,13 @@ def make_device(config: ServiceConfig) -> FsDevice:
         announce_submounts=config.announce_submounts,
     )
     session = FuseSession(fs)
-    return FsDevice(session, num_request_queues=config.num_request_queues, window=config.window)
+    return FsDevice(
+        session,
+        num_request_queues=config.num_request_queues,
+        window=config.window,
+        thread_pool_size=config.thread_pool_size,
+        stats_file=config.stats_file,
+    )
 
 
 async def _signals(cancel: trio.CancelScope) -> None:

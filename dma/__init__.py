@@ -5,8 +5,9 @@ in C with the GIL released; Python never sees a host address.
 """
 
 from .errors import ChainError, DmaError, GuestMemoryError, QueueError
+from .fastpath import FastPath, FastPathStats, SlowQueue
 from .memory import MAX_REGIONS, GuestMemory, MemoryRegion
-from .virtqueue import Chain, VirtQueue
+from .virtqueue import Chain, QueueStats, VirtQueue
 from .windows import Window, WindowAllocator, WindowError, WindowExhausted, WindowFragmented
 
 __all__ = [
@@ -14,10 +15,14 @@ __all__ = [
     "Chain",
     "ChainError",
     "DmaError",
+    "FastPath",
+    "FastPathStats",
     "GuestMemory",
     "GuestMemoryError",
     "MemoryRegion",
     "QueueError",
+    "QueueStats",
+    "SlowQueue",
     "VirtQueue",
     "Window",
     "WindowAllocator",

@@ -30,19 +30,31 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._core import ffi, lib  # type: ignore[import-not-found, unused-ignore]
 from .errors import ChainError, DmaError, QueueError
 from .memory import GuestMemory, as_buffer, buffer_len, check_u64, strerror
 
-__all__ = ["Chain", "VirtQueue"]
+__all__ = ["Chain", "QueueStats", "VirtQueue"]
 
 _INT_MAX = (1 << 31) - 1
 
 
 def _queue_error(code: int, what: str) -> QueueError:
     return QueueError(f"{what}: {strerror(code)}")
+
+
+class QueueStats(NamedTuple):
+    """Chains of one queue since it was created (see :meth:`VirtQueue.stats`)."""
+
+    fast: int  #: answered in place by the C fast path
+    slow: int  #: handed to Python
+    defects: int  #: refused as malformed (completed with an error or length 0)
+
+    @property
+    def requests(self) -> int:
+        return self.fast + self.slow + self.defects
 
 
 class VirtQueue:
@@ -59,7 +71,9 @@ class VirtQueue:
     def __init__(self, memory: GuestMemory, index: int, max_size: int = 1024) -> None:
         if not 1 <= max_size <= lib.PVD_MAX_QUEUE_SIZE or max_size & (max_size - 1):
             raise ValueError(f"max_size must be a power of two in 1..32768, got {max_size}")
-        ptr = lib.pvd_vq_new(memory._c_handle(), max_size)
+        if not 0 <= index <= 0xFFFF:
+            raise ValueError(f"queue index out of range: {index}")
+        ptr = lib.pvd_vq_new(memory._c_handle(), max_size, index)
         if ptr == ffi.NULL:
             raise OSError("cannot create virtqueue (out of memory or eventfd)")
         self._memory = memory  # keeps the C memory object alive
@@ -135,11 +149,7 @@ class VirtQueue:
         caller must complete exactly once, typically after writing an error
         reply; a lost salvage chain never returns its head to the guest.
         """
-        rlen, wlen = 0, 0
-        if salvage is not None:
-            rlen, wlen = salvage
-            if not (0 < rlen <= 0xFFFF_FFFF and 0 < wlen <= 0xFFFF_FFFF):
-                raise ValueError(f"salvage sizes must be in 1..2**32-1, got {salvage!r}")
+        rlen, wlen = self._salvage(salvage)
         out = ffi.new("struct pvd_chain **")
         bad = ffi.new("uint32_t *")
         rc = lib.pvd_vq_pop(self._vq, out, bad, rlen, wlen)
@@ -147,12 +157,61 @@ class VirtQueue:
             return Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
         if rc == 0:
             return None
+        self._raise_pop_error(rc, out, bad)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _salvage(salvage: tuple[int, int] | None) -> tuple[int, int]:
+        if salvage is None:
+            return 0, 0
+        rlen, wlen = salvage
+        if not (0 < rlen <= 0xFFFF_FFFF and 0 < wlen <= 0xFFFF_FFFF):
+            raise ValueError(f"salvage sizes must be in 1..2**32-1, got {salvage!r}")
+        return rlen, wlen
+
+    def _raise_pop_error(self, rc: int, out: Any, bad: Any) -> None:
         if rc <= lib.PVD_C_FIRST:
             chain = None
             if out[0] != ffi.NULL:
                 chain = Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
             raise ChainError(int(bad[0]), strerror(rc), salvage=chain)
         raise _queue_error(rc, f"queue {self.index}")
+
+    def run(
+        self,
+        fast: Any = None,
+        slow: Any = None,
+        *,
+        salvage: tuple[int, int] | None = None,
+    ) -> Chain | None:
+        """Serve the queue in C until something needs Python (GIL released).
+
+        Waits for kicks, pops every available chain, answers the requests
+        ``fast`` (a :class:`~.fastpath.FastPath`) can serve in place, queues
+        the others on ``slow`` (a :class:`~.fastpath.SlowQueue`) or, without
+        one, returns them.  Returns None when stopped (:meth:`stop`) or when
+        the kick fd fails; raises ChainError / QueueError exactly as
+        :meth:`pop` (then call again to go on).  One runner per queue.
+        """
+        rlen, wlen = self._salvage(salvage)
+        out = ffi.new("struct pvd_chain **")
+        bad = ffi.new("uint32_t *")
+        fs = ffi.NULL if fast is None else fast._c_handle()
+        q = ffi.NULL if slow is None else slow._c_handle()
+        rc = lib.pvd_vq_run(self._vq, fs, q, out, bad, rlen, wlen)
+        if rc == 1:
+            return Chain._wrap(self, ffi.gc(out[0], lib.pvd_chain_free))
+        if rc == 0:
+            return None
+        self._raise_pop_error(rc, out, bad)
+        raise AssertionError("unreachable")
+
+    def stats(self) -> QueueStats:
+        f = ffi.new("uint64_t *")
+        s = ffi.new("uint64_t *")
+        d = ffi.new("uint64_t *")
+        lib.pvd_vq_stats(self._vq, f, s, d)
+        return QueueStats(int(f[0]), int(s[0]), int(d[0]))
 
     def notify_if_needed(self) -> bool:
         """Signal the call eventfd unless suppressed (EVENT_IDX / NO_INTERRUPT).
@@ -206,11 +265,14 @@ class Chain:
     it was translated against until :meth:`complete` (or garbage collection).
     """
 
-    __slots__ = ("_c", "_done", "_vq", "head", "readable_len", "writable_len")
+    __slots__ = ("_c", "_done", "_vq", "head", "opcode", "readable_len", "unique", "writable_len")
 
     head: int
     readable_len: int
     writable_len: int
+    #: fuse_in_header opcode and unique as the queue runner read them (0 if it did not)
+    opcode: int
+    unique: int
     _c: Any
     _vq: VirtQueue
     _done: bool
@@ -225,6 +287,12 @@ class Chain:
         rlen = ffi.new("uint64_t *")
         wlen = ffi.new("uint64_t *")
         lib.pvd_chain_info(c, head, rlen, wlen)
+        opcode = ffi.new("uint32_t *")
+        unique = ffi.new("uint64_t *")
+        queue = ffi.new("uint32_t *")
+        lib.pvd_chain_request(c, opcode, unique, queue)
+        self.opcode = int(opcode[0])
+        self.unique = int(unique[0])
         self._c = c
         self._vq = vq
         self._done = False
@@ -232,6 +300,18 @@ class Chain:
         self.readable_len = int(rlen[0])
         self.writable_len = int(wlen[0])
         return self
+
+    @staticmethod
+    def _queue_index(c: Any) -> int:
+        opcode = ffi.new("uint32_t *")
+        unique = ffi.new("uint64_t *")
+        queue = ffi.new("uint32_t *")
+        lib.pvd_chain_request(c, opcode, unique, queue)
+        return int(queue[0])
+
+    @property
+    def queue(self) -> VirtQueue:
+        return self._vq
 
     def _check(self, rc: int) -> None:
         if rc == lib.PVD_E_RANGE:

@@ -104,7 +104,10 @@ async def serve_connection(
             if msg is None:
                 log.info("vhost-user front-end disconnected")
                 return
-            reply = handler.handle(msg)
+            # In a worker thread: a message may wait for the device's queue
+            # threads (GET_VRING_BASE stops and drains a ring), and the trio
+            # loop must never block on that.  One message at a time still.
+            reply = await trio.to_thread.run_sync(handler.handle, msg)
             if reply is not None:
                 await conn.send(reply)
     except VhostUserError as err:
@@ -114,7 +117,8 @@ async def serve_connection(
     except OSError as err:
         log.warning("vhost-user connection failed: %s", err)
     finally:
-        handler.disconnected()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(handler.disconnected)
         conn.close()
 
 

@@ -2,7 +2,7 @@
 
 int pvd_core_abi_version(void)
 {
-	return 4;
+	return 5;
 }
 
 const char *pvd_strerror(int code)
@@ -31,6 +31,7 @@ const char *pvd_strerror(int code)
 	case PVD_E_STALE: return "queue was reset since the chain was popped";
 	case PVD_E_IO: return "I/O error";
 	case PVD_E_WRONG_QUEUE: return "chain belongs to another queue";
+	case PVD_E_BUSY: return "queue already has a runner";
 	case PVD_C_HEAD_RANGE: return "head index out of range";
 	case PVD_C_NEXT_RANGE: return "next index out of range";
 	case PVD_C_TTL: return "descriptor loop or chain longer than the queue size";

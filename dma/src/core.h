@@ -47,6 +47,7 @@ enum {
 	PVD_E_STALE = -42,
 	PVD_E_IO = -43,
 	PVD_E_WRONG_QUEUE = -44,
+	PVD_E_BUSY = -45,
 	/* swiotlb window allocator (window_alloc.c; pvd_walloc_strerror) */
 	PVD_E_WIN_RANGE = -60,
 	PVD_E_WIN_ALIGN = -61,
@@ -95,6 +96,8 @@ struct pvd_region_info {
 struct pvd_mem;
 struct pvd_vq;
 struct pvd_chain;
+struct pvd_fs;
+struct pvd_slowq;
 
 /* ---- guest memory (guest_memory.c) ---- */
 struct pvd_mem *pvd_mem_new(int has_window, uint64_t win_base, uint64_t win_size);
@@ -112,7 +115,7 @@ int pvd_mem_read(struct pvd_mem *mem, uint64_t gpa, void *buf, size_t len);
 int pvd_mem_write(struct pvd_mem *mem, uint64_t gpa, const void *buf, size_t len);
 
 /* ---- split virtqueue (virtqueue.c) ---- */
-struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size);
+struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size, uint32_t index);
 void pvd_vq_free(struct pvd_vq *vq);
 int pvd_vq_configure(struct pvd_vq *vq, uint32_t size, uint64_t desc_gpa,
 		     uint64_t avail_gpa, uint64_t used_gpa, int event_idx);
@@ -145,6 +148,21 @@ int pvd_vq_wait_kick(struct pvd_vq *vq, int timeout_ms);
 void pvd_vq_stop(struct pvd_vq *vq);
 void pvd_vq_reset(struct pvd_vq *vq);
 void pvd_vq_close(struct pvd_vq *vq);
+/*
+ * The queue's serving loop (fast path, see fuse_fast.c): wait for kicks,
+ * pop every available chain and answer the ones fs can serve in place;
+ * the others go to q, or back to the caller when q is NULL.  Returns only
+ * for the caller: 0 stopped (pvd_vq_stop) or the kick fd failed; 1 *out is
+ * a chain to handle (q NULL or closed); PVD_C_* a chain defect, exactly as
+ * pvd_vq_pop (salvage included); other <0 the queue cannot go on.  Call it
+ * again to continue.  One runner per queue at a time (else PVD_E_BUSY).
+ * fs may be NULL (nothing served in place).
+ */
+int pvd_vq_run(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
+	       struct pvd_chain **out, uint32_t *bad_head, uint32_t salvage_rlen,
+	       uint32_t salvage_wlen);
+/* Chains answered in place / handed on / failed as defects, since creation. */
+void pvd_vq_stats(struct pvd_vq *vq, uint64_t *fast, uint64_t *slow, uint64_t *defects);
 
 /* ---- popped chains (virtqueue.c) ---- */
 void pvd_chain_info(struct pvd_chain *c, uint32_t *head, uint64_t *readable_len,
@@ -159,6 +177,52 @@ int64_t pvd_chain_pwritev(struct pvd_chain *c, int fd, int64_t file_offset, uint
 /* 0: published; PVD_E_STALE: queue was reconfigured since pop (nothing written). */
 int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len);
 void pvd_chain_free(struct pvd_chain *c);
+/* The fuse_in_header opcode/unique pvd_vq_run read (0 if it did not), and the queue index. */
+void pvd_chain_request(struct pvd_chain *c, uint32_t *opcode, uint64_t *unique, uint32_t *queue);
+
+/* ---- chains waiting for a Python worker (virtqueue.c) ---- */
+struct pvd_slowq *pvd_slowq_new(void);
+/* Frees chains still queued without completing them (teardown only). */
+void pvd_slowq_free(struct pvd_slowq *q);
+/* Blocks until a chain is queued (1, *out set) or the queue is closed and empty (0). */
+int pvd_slowq_take(struct pvd_slowq *q, struct pvd_chain **out);
+void pvd_slowq_close(struct pvd_slowq *q);
+uint32_t pvd_slowq_len(struct pvd_slowq *q);
+
+/*
+ * ---- the FUSE fast path's mirror of the passthrough tables (fuse_fast.c) ----
+ *
+ * Python owns the tables and publishes each entry: inodes (nodeid -> O_PATH
+ * fd) and handles (fh -> open fd, file or directory).  Publishing hands the
+ * mirror the duty to close the fd: retire an entry instead of closing it,
+ * and the mirror closes it once no in-place request still uses it.
+ */
+#define PVD_FS_INODES 0
+#define PVD_FS_HANDLES 1
+#define PVD_KIND_INODE 0
+#define PVD_KIND_FILE 1
+#define PVD_KIND_DIR 2
+
+struct pvd_fs_stats {
+	uint64_t inodes, handles;      /* entries published now */
+	uint64_t getattr, read, write; /* requests answered in place */
+	uint32_t busy_now, busy_max;   /* queue runners serving at once: now / most */
+};
+
+struct pvd_fs *pvd_fs_new(void);
+/* Closes every fd still published. */
+void pvd_fs_free(struct pvd_fs *fs);
+void pvd_fs_configure(struct pvd_fs *fs, uint64_t attr_valid, uint32_t attr_valid_nsec,
+		      int readonly, int switch_creds);
+/* Requests are served in place only while ready (the FUSE session is initialised). */
+void pvd_fs_set_ready(struct pvd_fs *fs, int ready);
+/* PVD_E_INVAL for a duplicate key or a bad table/fd, PVD_E_NOMEM. */
+int pvd_fs_publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t kind);
+/* PVD_E_NOT_FOUND when key is not published (the caller still owns nothing). */
+int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key);
+uint64_t pvd_fs_count(struct pvd_fs *fs, int table);
+void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out);
+void pvd_fs_reset_busy_max(struct pvd_fs *fs);
 
 /*
  * ---- per-device swiotlb windows (window_alloc.c) ----

@@ -82,4 +82,35 @@ int pvd_table_translate(const struct pvd_table *t, uint64_t gpa, uint64_t len,
 int pvd_table_translate_contig(const struct pvd_table *t, uint64_t gpa, uint64_t len,
 			       uint8_t **host, int *split);
 
+/*
+ * One part (readable or writable) of a descriptor chain as host iovecs:
+ * the view both popped chains (virtqueue.c) and requests served in place
+ * (fuse_fast.c) work on.  Bounds are checked by the callers.
+ */
+void pvd_iov_copy(const struct iovec *iov, uint32_t n, uint64_t offset, uint8_t *buf,
+		  uint64_t len, int to_guest);
+/* preadv (to_guest) / pwritev between fd and [offset, offset+len) of the part. */
+int64_t pvd_iov_io(const struct iovec *part, uint32_t n, int fd, int64_t foff, uint64_t len,
+		   uint64_t offset, int *err, int to_guest);
+
+/* A request being served in place: the chain's iovecs, readable part first. */
+struct pvd_req {
+	const struct iovec *iov;
+	uint32_t nr, nw;
+	uint64_t rlen, wlen;
+};
+
+/*
+ * fuse_fast.c: serve req entirely in C.  Returns 1 with *used = bytes
+ * written into the writable part when the request was answered; 0 when it
+ * must go to the Python session (nothing was written).  *opcode and
+ * *unique are what the fuse_in_header says (0 when it is too short).
+ * Safe to call from several queue threads at once.
+ */
+int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used,
+		    uint32_t *opcode, uint64_t *unique);
+/* Queue threads currently serving / the most ever at once (busy accounting). */
+void pvd_fs_busy_enter(struct pvd_fs *fs);
+void pvd_fs_busy_leave(struct pvd_fs *fs);
+
 #endif

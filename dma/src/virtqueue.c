@@ -68,6 +68,18 @@ struct pvd_vq {
 	uint32_t gen; /* bumped by configure/set_base/reset: stale chains are dropped */
 	int kick_fd, call_fd, stop_fd;
 	struct iovec *scratch;
+	/* pvd_vq_run: its own iovec buffer (one runner at a time) and counters */
+	uint32_t index;
+	/*
+	 * wait_kick polls kick_fd itself (no dup: a dup can fail with EMFILE and
+	 * would leave the wait deaf).  While waiters poll it, a replaced kick fd
+	 * is not closed but parked in retired[] and closed by the last waiter.
+	 */
+	int kick_waiters;
+	int retired[8], nretired;
+	atomic_int running;
+	struct iovec *run_iov;
+	atomic_uint_fast64_t n_fast, n_slow, n_defect;
 };
 
 struct pvd_chain {
@@ -75,6 +87,9 @@ struct pvd_chain {
 	struct pvd_vq *vq;
 	uint32_t gen;
 	uint32_t head;
+	uint32_t opcode;  /* fuse_in_header, when pvd_vq_run looked (else 0) */
+	uint64_t unique;
+	struct pvd_chain *qnext; /* pvd_slowq link */
 	uint64_t rlen, wlen;
 	uint32_t nr, nw; /* readable iovecs first, then writable */
 	struct iovec iov[];
@@ -198,7 +213,7 @@ static void push_used(struct pvd_vq *vq, uint32_t head, uint32_t len)
 
 /* ------------------------------------------------------------------ queues */
 
-struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size)
+struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size, uint32_t index)
 {
 	if (max_size == 0 || max_size > PVD_MAX_QUEUE_SIZE || (max_size & (max_size - 1)))
 		return NULL;
@@ -206,14 +221,17 @@ struct pvd_vq *pvd_vq_new(struct pvd_mem *mem, uint32_t max_size)
 	if (!vq)
 		return NULL;
 	vq->scratch = malloc(PVD_MAX_IOV * sizeof(struct iovec));
+	vq->run_iov = malloc(PVD_MAX_IOV * sizeof(struct iovec));
 	vq->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (!vq->scratch || vq->stop_fd < 0) {
+	if (!vq->scratch || !vq->run_iov || vq->stop_fd < 0) {
 		if (vq->stop_fd >= 0)
 			close(vq->stop_fd);
 		free(vq->scratch);
+		free(vq->run_iov);
 		free(vq);
 		return NULL;
 	}
+	vq->index = index;
 	pthread_mutex_init(&vq->lock, NULL);
 	vq->mem = mem;
 	vq->max_size = max_size;
@@ -250,9 +268,12 @@ void pvd_vq_free(struct pvd_vq *vq)
 	pthread_mutex_lock(&vq->lock);
 	unconfigure(vq);
 	pthread_mutex_unlock(&vq->lock);
+	for (int i = 0; i < vq->nretired; i++)
+		close(vq->retired[i]);
 	close(vq->stop_fd);
 	pthread_mutex_destroy(&vq->lock);
 	free(vq->scratch);
+	free(vq->run_iov);
 	free(vq);
 }
 
@@ -332,13 +353,28 @@ uint32_t pvd_vq_size(struct pvd_vq *vq)
 
 void pvd_vq_set_kick_fd(struct pvd_vq *vq, int fd)
 {
+	int close_fd = -1;
 	pthread_mutex_lock(&vq->lock);
 	int old = vq->kick_fd;
 	vq->kick_fd = fd;
+	if (old >= 0 && vq->kick_waiters > 0) {
+		/* A waiter polls old: wake it (eventfd) and let the last waiter close it. */
+		uint64_t one = 1;
+		ssize_t r = write(old, &one, sizeof(one));
+		(void)r;
+		if (vq->nretired == (int)(sizeof(vq->retired) / sizeof(vq->retired[0]))) {
+			close_fd = vq->retired[0]; /* oldest: its waiter sees POLLNVAL and re-checks */
+			memmove(vq->retired, vq->retired + 1, sizeof(vq->retired) - sizeof(int));
+			vq->nretired--;
+		}
+		vq->retired[vq->nretired++] = old;
+		old = -1;
+	}
 	pthread_mutex_unlock(&vq->lock);
-	/* A wait_kick() in progress polls its own dup of the old fd. */
 	if (old >= 0)
 		close(old);
+	if (close_fd >= 0)
+		close(close_fd);
 }
 
 void pvd_vq_set_call_fd(struct pvd_vq *vq, int fd)
@@ -388,8 +424,8 @@ static int64_t now_ms(void)
 int pvd_vq_wait_kick(struct pvd_vq *vq, int timeout_ms)
 {
 	pthread_mutex_lock(&vq->lock);
-	/* Poll a private dup so set_kick_fd() may close the original meanwhile. */
-	int kfd = vq->kick_fd >= 0 ? fcntl(vq->kick_fd, F_DUPFD_CLOEXEC, 0) : -1;
+	int kfd = vq->kick_fd;
+	vq->kick_waiters++;
 	pthread_mutex_unlock(&vq->lock);
 
 	struct pollfd p[2] = {
@@ -422,8 +458,19 @@ int pvd_vq_wait_kick(struct pvd_vq *vq, int timeout_ms)
 		if (p[1].revents)
 			break; /* error/hangup on the kick fd: report "not kicked" */
 	}
-	if (kfd >= 0)
-		close(kfd);
+
+	int to_close[8], nclose = 0;
+	pthread_mutex_lock(&vq->lock);
+	if (result == 0 && kfd != vq->kick_fd && kfd >= 0 && !(p[0].revents))
+		result = 1; /* the kick fd was replaced meanwhile: re-check the ring */
+	if (--vq->kick_waiters == 0) {
+		memcpy(to_close, vq->retired, sizeof(int) * (size_t)vq->nretired);
+		nclose = vq->nretired;
+		vq->nretired = 0;
+	}
+	pthread_mutex_unlock(&vq->lock);
+	for (int i = 0; i < nclose; i++)
+		close(to_close[i]);
 	return result;
 }
 
@@ -579,6 +626,30 @@ static int salvage_part(const struct pvd_table *t, uint64_t addr, uint64_t len,
 	return PVD_OK;
 }
 
+/* A chain owning copies of iov[0..niov) and a new reference on tbl (translated against it). */
+static struct pvd_chain *make_chain(struct pvd_vq *vq, struct pvd_table *tbl, uint32_t gen,
+				    const struct iovec *iov, uint32_t niov, uint32_t nr,
+				    uint64_t rlen, uint64_t wlen, uint32_t head)
+{
+	struct pvd_chain *c = malloc(sizeof(*c) + (size_t)niov * sizeof(struct iovec));
+	if (!c)
+		return NULL;
+	memcpy(c->iov, iov, (size_t)niov * sizeof(struct iovec));
+	c->nr = nr;
+	c->nw = niov - nr;
+	c->rlen = rlen;
+	c->wlen = wlen;
+	c->head = head;
+	c->vq = vq;
+	c->gen = gen;
+	c->opcode = 0;
+	c->unique = 0;
+	c->qnext = NULL;
+	c->tbl = tbl;
+	pvd_table_get(tbl);
+	return c;
+}
+
 #define PVD_SALVAGE_IOV 16
 
 /*
@@ -599,39 +670,28 @@ static struct pvd_chain *salvage_chain(struct pvd_vq *vq, const struct walk *w, 
 	uint32_t nr = n;
 	if (salvage_part(w->t, w->w0_addr, wlen, iov, &n, 2 * PVD_SALVAGE_IOV))
 		return NULL;
-	struct pvd_chain *c = malloc(sizeof(*c) + (size_t)n * sizeof(struct iovec));
-	if (!c)
-		return NULL;
-	memcpy(c->iov, iov, (size_t)n * sizeof(struct iovec));
-	c->nr = nr;
-	c->nw = n - nr;
-	c->rlen = rlen;
-	c->wlen = wlen;
-	c->head = head;
-	c->vq = vq;
-	c->gen = vq->gen;
-	c->tbl = vq->tbl;
-	pvd_table_get(c->tbl);
-	return c;
+	return make_chain(vq, vq->tbl, vq->gen, iov, n, nr, rlen, wlen, head);
 }
 
-int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
-	       uint32_t salvage_rlen, uint32_t salvage_wlen)
+/*
+ * Lock held.  Take the next available head and walk it into iov.
+ * 0: nothing available; 1: *w holds a valid chain (not completed);
+ * PVD_C_*: a defect -- completed with used len 0, or (*out set) handed out
+ * as a salvage chain; other <0: queue error.
+ */
+static int take_locked(struct pvd_vq *vq, struct iovec *iov, uint32_t salvage_rlen,
+		       uint32_t salvage_wlen, struct walk *w, uint32_t *head_out,
+		       struct pvd_chain **out)
 {
 	int rc;
 	*out = NULL;
-	pthread_mutex_lock(&vq->lock);
-	if (!vq->configured) {
-		rc = PVD_E_NOT_CONFIGURED;
-		goto out;
-	}
-	if (vq->broken) {
-		rc = PVD_E_BROKEN;
-		goto out;
-	}
+	if (!vq->configured)
+		return PVD_E_NOT_CONFIGURED;
+	if (vq->broken)
+		return PVD_E_BROKEN;
 	rc = refresh_rings(vq);
 	if (rc)
-		goto out;
+		return rc;
 	if (vq->shadow_avail_idx == vq->last_avail_idx) {
 		/*
 		 * 2.7.13.3: the driver issues a write barrier between filling the
@@ -640,14 +700,11 @@ int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
 		uint16_t idx = ld16(AVAIL_IDX(vq), memory_order_acquire);
 		if ((uint16_t)(idx - vq->last_avail_idx) > vq->size) {
 			vq->broken = 1; /* 2.7.6: at most `size` entries can be pending */
-			rc = PVD_E_AVAIL_IDX;
-			goto out;
+			return PVD_E_AVAIL_IDX;
 		}
 		vq->shadow_avail_idx = idx;
-		if (idx == vq->last_avail_idx) {
-			rc = 0;
-			goto out;
-		}
+		if (idx == vq->last_avail_idx)
+			return 0;
 	}
 	/*
 	 * 2.7.13.3: read barrier between observing avail->idx and reading the
@@ -660,42 +717,40 @@ int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
 	if (vq->event_idx && vq->notify_enabled)
 		/* 2.7.10: ask for a kick when the driver goes past what we consumed. */
 		st16(AVAIL_EVENT(vq), vq->last_avail_idx, memory_order_relaxed);
+	*head_out = head;
 
 	int salvage = salvage_rlen > 0 && salvage_wlen > 0;
-	struct walk w = { .vq = vq, .t = vq->tbl, .iov = vq->scratch, .keep_going = salvage };
-	rc = walk_chain(&w, head);
-	if (rc == PVD_OK && w.addr_rc) {
+	*w = (struct walk){ .vq = vq, .t = vq->tbl, .iov = iov, .keep_going = salvage };
+	rc = walk_chain(w, head);
+	if (rc == PVD_OK && w->addr_rc) {
 		/* Structurally sound, refused only for where its buffers lie. */
-		rc = w.addr_rc;
-		if (salvage && (*out = salvage_chain(vq, &w, head, salvage_rlen, salvage_wlen))) {
-			*bad_head = head;
-			goto out; /* not completed: the caller completes the salvage chain */
-		}
+		rc = w->addr_rc;
+		if (salvage && (*out = salvage_chain(vq, w, head, salvage_rlen, salvage_wlen)))
+			return rc; /* not completed: the caller completes the salvage chain */
 	} else if (rc == PVD_OK) {
-		struct pvd_chain *c = malloc(sizeof(*c) + (size_t)w.niov * sizeof(struct iovec));
-		if (!c) {
+		return 1;
+	}
+	/* Fail just this chain: hand the head back with nothing written. */
+	push_used(vq, head, 0);
+	return rc;
+}
+
+int pvd_vq_pop(struct pvd_vq *vq, struct pvd_chain **out, uint32_t *bad_head,
+	       uint32_t salvage_rlen, uint32_t salvage_wlen)
+{
+	struct walk w;
+	uint32_t head = 0;
+	pthread_mutex_lock(&vq->lock);
+	int rc = take_locked(vq, vq->scratch, salvage_rlen, salvage_wlen, &w, &head, out);
+	if (rc == 1) {
+		*out = make_chain(vq, vq->tbl, vq->gen, w.iov, w.niov, w.nr, w.rlen, w.wlen, head);
+		if (!*out) {
 			rc = PVD_C_NOMEM;
-		} else {
-			memcpy(c->iov, w.iov, (size_t)w.niov * sizeof(struct iovec));
-			c->nr = w.nr;
-			c->nw = w.niov - w.nr;
-			c->rlen = w.rlen;
-			c->wlen = w.wlen;
-			c->head = head;
-			c->vq = vq;
-			c->gen = vq->gen;
-			c->tbl = vq->tbl;
-			pvd_table_get(c->tbl);
-			*out = c;
-			rc = 1;
+			push_used(vq, head, 0);
 		}
 	}
-	if (rc < 0) {
-		/* Fail just this chain: hand the head back with nothing written. */
+	if (rc <= PVD_C_FIRST)
 		*bad_head = head;
-		push_used(vq, head, 0);
-	}
-out:
 	pthread_mutex_unlock(&vq->lock);
 	return rc;
 }
@@ -822,8 +877,8 @@ static int check_part(struct pvd_chain *c, uint64_t part_len, uint64_t offset, u
 	return PVD_OK;
 }
 
-static void copy_part(const struct iovec *iov, uint32_t n, uint64_t offset, uint8_t *buf,
-		      uint64_t len, int to_guest)
+void pvd_iov_copy(const struct iovec *iov, uint32_t n, uint64_t offset, uint8_t *buf,
+		  uint64_t len, int to_guest)
 {
 	for (uint32_t i = 0; i < n && len; i++) {
 		uint64_t l = iov[i].iov_len;
@@ -850,7 +905,7 @@ int pvd_chain_read(struct pvd_chain *c, uint64_t offset, void *buf, size_t len)
 	int rc = check_part(c, c->rlen, offset, len);
 	if (rc)
 		return rc;
-	copy_part(c->iov, c->nr, offset, buf, len, 0);
+	pvd_iov_copy(c->iov, c->nr, offset, buf, len, 0);
 	return PVD_OK;
 }
 
@@ -859,18 +914,13 @@ int pvd_chain_write(struct pvd_chain *c, uint64_t offset, const void *buf, size_
 	int rc = check_part(c, c->wlen, offset, len);
 	if (rc)
 		return rc;
-	copy_part(c->iov + c->nr, c->nw, offset, (uint8_t *)buf, len, 1);
+	pvd_iov_copy(c->iov + c->nr, c->nw, offset, (uint8_t *)buf, len, 1);
 	return PVD_OK;
 }
 
-static int64_t chain_io(struct pvd_chain *c, int fd, int64_t foff, uint64_t len, uint64_t offset,
-			int *err, int to_guest)
+int64_t pvd_iov_io(const struct iovec *part, uint32_t n, int fd, int64_t foff, uint64_t len,
+		   uint64_t offset, int *err, int to_guest)
 {
-	const struct iovec *part = to_guest ? c->iov + c->nr : c->iov;
-	uint32_t n = to_guest ? c->nw : c->nr;
-	int rc = check_part(c, to_guest ? c->wlen : c->rlen, offset, len);
-	if (rc)
-		return rc;
 	if (foff < 0) {
 		*err = EINVAL;
 		return PVD_E_IO;
@@ -895,6 +945,16 @@ static int64_t chain_io(struct pvd_chain *c, int fd, int64_t foff, uint64_t len,
 		done += (uint64_t)r;
 	}
 	return (int64_t)done;
+}
+
+static int64_t chain_io(struct pvd_chain *c, int fd, int64_t foff, uint64_t len, uint64_t offset,
+			int *err, int to_guest)
+{
+	int rc = check_part(c, to_guest ? c->wlen : c->rlen, offset, len);
+	if (rc)
+		return rc;
+	return to_guest ? pvd_iov_io(c->iov + c->nr, c->nw, fd, foff, len, offset, err, 1)
+			: pvd_iov_io(c->iov, c->nr, fd, foff, len, offset, err, 0);
 }
 
 int64_t pvd_chain_preadv(struct pvd_chain *c, int fd, int64_t file_offset, uint64_t len,
@@ -938,4 +998,242 @@ void pvd_chain_free(struct pvd_chain *c)
 		return;
 	pvd_table_put(c->tbl);
 	free(c);
+}
+
+void pvd_chain_request(struct pvd_chain *c, uint32_t *opcode, uint64_t *unique, uint32_t *queue)
+{
+	*opcode = c->opcode;
+	*unique = c->unique;
+	*queue = c->vq->index;
+}
+
+/* -------------------------------------------------------------- slow queue */
+
+/*
+ * Chains the fast path did not answer, waiting for a Python worker.  A
+ * linked list through pvd_chain::qnext: nothing is allocated per request
+ * beyond the chain itself, and its length is bounded by the rings' sizes
+ * (each chain is a descriptor head the guest is waiting on).
+ */
+struct pvd_slowq {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct pvd_chain *head, *tail;
+	uint32_t len;
+	int closed;
+};
+
+struct pvd_slowq *pvd_slowq_new(void)
+{
+	struct pvd_slowq *q = calloc(1, sizeof(*q));
+	if (!q)
+		return NULL;
+	pthread_mutex_init(&q->lock, NULL);
+	pthread_cond_init(&q->cond, NULL);
+	return q;
+}
+
+void pvd_slowq_free(struct pvd_slowq *q)
+{
+	if (!q)
+		return;
+	struct pvd_chain *c = q->head;
+	while (c) {
+		struct pvd_chain *n = c->qnext;
+		pvd_chain_free(c);
+		c = n;
+	}
+	pthread_cond_destroy(&q->cond);
+	pthread_mutex_destroy(&q->lock);
+	free(q);
+}
+
+static int slowq_push(struct pvd_slowq *q, struct pvd_chain *c)
+{
+	pthread_mutex_lock(&q->lock);
+	if (q->closed) {
+		pthread_mutex_unlock(&q->lock);
+		return PVD_E_BROKEN;
+	}
+	c->qnext = NULL;
+	if (q->tail)
+		q->tail->qnext = c;
+	else
+		q->head = c;
+	q->tail = c;
+	q->len++;
+	pthread_cond_signal(&q->cond);
+	pthread_mutex_unlock(&q->lock);
+	return PVD_OK;
+}
+
+int pvd_slowq_take(struct pvd_slowq *q, struct pvd_chain **out)
+{
+	pthread_mutex_lock(&q->lock);
+	while (!q->head && !q->closed)
+		pthread_cond_wait(&q->cond, &q->lock);
+	struct pvd_chain *c = q->head;
+	if (c) {
+		q->head = c->qnext;
+		if (!q->head)
+			q->tail = NULL;
+		q->len--;
+		c->qnext = NULL;
+	}
+	pthread_mutex_unlock(&q->lock);
+	*out = c;
+	return c != NULL;
+}
+
+void pvd_slowq_close(struct pvd_slowq *q)
+{
+	pthread_mutex_lock(&q->lock);
+	q->closed = 1;
+	pthread_cond_broadcast(&q->cond);
+	pthread_mutex_unlock(&q->lock);
+}
+
+uint32_t pvd_slowq_len(struct pvd_slowq *q)
+{
+	pthread_mutex_lock(&q->lock);
+	uint32_t n = q->len;
+	pthread_mutex_unlock(&q->lock);
+	return n;
+}
+
+/* ---------------------------------------------------------------- runner */
+
+/* Complete an in-place request popped at generation gen (lock not held). */
+static void complete_inplace(struct pvd_vq *vq, uint32_t gen, uint32_t head, uint32_t used)
+{
+	pthread_mutex_lock(&vq->lock);
+	if (gen == vq->gen && vq->configured && refresh_rings(vq) == PVD_OK)
+		push_used(vq, head, used);
+	pthread_mutex_unlock(&vq->lock);
+}
+
+/*
+ * Serve every available chain: fast requests in place, the rest to q (or
+ * back to the caller when q is NULL).  0 when the ring is empty; 1 with
+ * *out for the caller; PVD_C_* for a defect (as pvd_vq_pop); <0 queue error.
+ * *served counts the chains taken.
+ */
+static int serve_all(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
+		     struct pvd_chain **out, uint32_t *bad_head, uint32_t srlen, uint32_t swlen,
+		     int *served)
+{
+	int inplace = 0, rc;
+	for (;;) {
+		struct walk w;
+		uint32_t head = 0, gen = 0;
+		struct pvd_table *tbl = NULL;
+		pthread_mutex_lock(&vq->lock);
+		rc = take_locked(vq, vq->run_iov, srlen, swlen, &w, &head, out);
+		if (rc == 1) {
+			tbl = vq->tbl; /* the iovecs point into it: pin it past the unlock */
+			pvd_table_get(tbl);
+			gen = vq->gen;
+		}
+		pthread_mutex_unlock(&vq->lock);
+		if (rc != 1) {
+			if (rc <= PVD_C_FIRST) {
+				*bad_head = head;
+				atomic_fetch_add_explicit(&vq->n_defect, 1, memory_order_relaxed);
+				(*served)++;
+			}
+			break;
+		}
+		(*served)++;
+		struct pvd_req req = { .iov = w.iov, .nr = w.nr, .nw = w.niov - w.nr,
+				       .rlen = w.rlen, .wlen = w.wlen };
+		uint32_t used = 0, opcode = 0;
+		uint64_t unique = 0;
+		if (fs && pvd_fast_handle(fs, &req, &used, &opcode, &unique)) {
+			complete_inplace(vq, gen, head, used <= w.wlen ? used : (uint32_t)w.wlen);
+			pvd_table_put(tbl);
+			atomic_fetch_add_explicit(&vq->n_fast, 1, memory_order_relaxed);
+			if (++inplace % 32 == 0)
+				pvd_vq_notify(vq); /* keep the guest going during long runs */
+			continue;
+		}
+		struct pvd_chain *c = make_chain(vq, tbl, gen, w.iov, w.niov, w.nr, w.rlen, w.wlen,
+						 head);
+		pvd_table_put(tbl);
+		if (!c) {
+			complete_inplace(vq, gen, head, 0);
+			*bad_head = head;
+			atomic_fetch_add_explicit(&vq->n_defect, 1, memory_order_relaxed);
+			rc = PVD_C_NOMEM;
+			break;
+		}
+		c->opcode = opcode;
+		c->unique = unique;
+		atomic_fetch_add_explicit(&vq->n_slow, 1, memory_order_relaxed);
+		if (q && slowq_push(q, c) == PVD_OK)
+			continue;
+		*out = c;
+		rc = 1;
+		break;
+	}
+	if (inplace % 32)
+		pvd_vq_notify(vq);
+	return rc;
+}
+
+/* FsDevice's drain: serve with notifications off, re-check after enabling. */
+static int drain(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
+		 struct pvd_chain **out, uint32_t *bad_head, uint32_t srlen, uint32_t swlen)
+{
+	for (;;) {
+		int first = 0, again = 0;
+		pvd_vq_set_notification(vq, 0);
+		int rc = serve_all(vq, fs, q, out, bad_head, srlen, swlen, &first);
+		if (rc)
+			return rc;
+		pvd_vq_set_notification(vq, 1);
+		/*
+		 * 2.7.10: a chain made available after the last pop but before
+		 * notifications were re-enabled raised no kick; look again.
+		 */
+		rc = serve_all(vq, fs, q, out, bad_head, srlen, swlen, &again);
+		if (rc)
+			return rc;
+		if (!again)
+			break;
+	}
+	pvd_vq_notify(vq);
+	return 0;
+}
+
+int pvd_vq_run(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
+	       struct pvd_chain **out, uint32_t *bad_head, uint32_t salvage_rlen,
+	       uint32_t salvage_wlen)
+{
+	int expected = 0;
+	*out = NULL;
+	if (!atomic_compare_exchange_strong(&vq->running, &expected, 1))
+		return PVD_E_BUSY;
+	int rc;
+	for (;;) {
+		if (fs)
+			pvd_fs_busy_enter(fs);
+		rc = drain(vq, fs, q, out, bad_head, salvage_rlen, salvage_wlen);
+		if (fs)
+			pvd_fs_busy_leave(fs);
+		if (rc)
+			break;
+		if (!pvd_vq_wait_kick(vq, -1)) {
+			rc = 0; /* stopped */
+			break;
+		}
+	}
+	atomic_store(&vq->running, 0);
+	return rc;
+}
+
+void pvd_vq_stats(struct pvd_vq *vq, uint64_t *fast, uint64_t *slow, uint64_t *defects)
+{
+	*fast = atomic_load(&vq->n_fast);
+	*slow = atomic_load(&vq->n_slow);
+	*defects = atomic_load(&vq->n_defect);
 }

@@ -108,6 +108,7 @@ async def running_device(
     features: int | None = None,
     queue: int = 1,
     start: bool = True,
+    **config: object,
 ) -> AsyncIterator[Rig]:
     share = tmp_path / "share"
     share.mkdir(exist_ok=True)
@@ -116,7 +117,7 @@ async def running_device(
 
     def factory() -> FsDevice:
         devices.append(make_device(ServiceConfig(shared_dir=share, num_request_queues=2,
-                                                 window=window)))  # fmt: skip
+                                                 window=window, **config)))  # type: ignore[arg-type]  # fmt: skip
         return devices[-1]
 
     listener = listen_unix(tmp_path / "vu.sock")

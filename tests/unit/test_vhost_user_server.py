@@ -86,6 +86,11 @@ class RecordingDevice:
         self.vring_base = 42
         self.reset_count = 0
         self.reset_event = trio.Event()
+        # the server calls the device from a worker thread (never blocking trio)
+        try:
+            self._token: trio.lowlevel.TrioToken | None = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            self._token = None
 
     def _call(self, name: str, *args: Any) -> None:
         self.calls.append((name, *args))
@@ -180,7 +185,13 @@ class RecordingDevice:
     def reset(self) -> None:
         self._call("reset")
         self.reset_count += 1
-        self.reset_event.set()
+        if self._token is None:
+            self.reset_event.set()
+            return
+        try:
+            trio.from_thread.run_sync(self.reset_event.set, trio_token=self._token)
+        except RuntimeError:  # called from the trio thread itself
+            self.reset_event.set()
 
 
 def test_recording_device_is_a_vhost_user_device() -> None:

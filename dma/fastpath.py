@@ -1,0 +1,152 @@
+"""The FUSE fast path's side of the C core: the table mirror and the slow queue.
+
+:class:`FastPath` is the mirror of the passthrough filesystem's inode and
+handle tables that the queue runners (:meth:`VirtQueue.run`) read to serve
+GETATTR, READ and WRITE entirely in C.  The protocol, in full:
+
+* Python owns the tables.  When it creates an entry it *publishes* it
+  (:meth:`FastPath.publish_inode`, :meth:`FastPath.publish_handle`); from then
+  on the mirror, not Python, closes that fd.
+* Where Python would close the fd (its entry is dead and no longer
+  borrowed) it *retires* the entry instead (:meth:`FastPath.retire_inode`,
+  :meth:`FastPath.retire_handle`); the mirror closes the fd at once, or when
+  the last in-place request using it is done.
+* Requests are served in place only while the session is :attr:`ready`
+  (after INIT, until DESTROY or reset); settings are fixed at
+  :meth:`FastPath.configure`.
+
+:class:`SlowQueue` holds the chains the fast path did not answer until a
+Python worker takes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ._core import ffi, lib  # type: ignore[import-not-found, unused-ignore]
+from .memory import strerror
+from .virtqueue import Chain, VirtQueue
+
+__all__ = ["FastPath", "FastPathStats", "SlowQueue"]
+
+
+class FastPathStats(NamedTuple):
+    inodes: int
+    handles: int
+    getattr: int
+    read: int
+    write: int
+    busy_now: int
+    busy_max: int
+
+
+def _u64(name: str, value: int) -> int:
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{name} out of range: {value}")
+    return value
+
+
+class FastPath:
+    """The mirror one FUSE session's queue runners read (see the module docstring)."""
+
+    def __init__(self) -> None:
+        ptr = lib.pvd_fs_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("cannot create the fast-path mirror")
+        self._fs: Any = ffi.gc(ptr, lib.pvd_fs_free)
+        self._ready = False
+
+    def _c_handle(self) -> Any:
+        return self._fs
+
+    def configure(
+        self, *, attr_valid: tuple[int, int], readonly: bool, switch_creds: bool
+    ) -> None:
+        """Settings the in-place handlers apply (attr timeout as (sec, nsec))."""
+        sec, nsec = attr_valid
+        lib.pvd_fs_configure(
+            self._fs, _u64("attr_valid", sec), nsec, int(readonly), int(switch_creds)
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = bool(value)
+        lib.pvd_fs_set_ready(self._fs, int(value))
+
+    def _publish(self, table: int, key: int, fd: int, kind: int) -> None:
+        rc = lib.pvd_fs_publish(self._fs, table, _u64("key", key), fd, kind)
+        if rc == lib.PVD_E_NOMEM:
+            raise MemoryError(f"publish {key}: {strerror(rc)}")
+        if rc:  # a duplicate key or a bad fd: the caller's bug
+            raise ValueError(f"publish {key}: {strerror(rc)}")
+
+    def _retire(self, table: int, key: int) -> bool:
+        return bool(lib.pvd_fs_retire(self._fs, table, _u64("key", key)) == 0)
+
+    def publish_inode(self, nodeid: int, fd: int) -> None:
+        """``nodeid``'s O_PATH fd; the mirror closes it from now on."""
+        self._publish(lib.PVD_FS_INODES, nodeid, fd, lib.PVD_KIND_INODE)
+
+    def retire_inode(self, nodeid: int) -> bool:
+        """Unpublish; the fd is closed once unused.  False: was not published."""
+        return self._retire(lib.PVD_FS_INODES, nodeid)
+
+    def publish_handle(self, fh: int, fd: int, *, directory: bool) -> None:
+        """Open file or directory ``fh``; only files are read and written in place."""
+        kind = lib.PVD_KIND_DIR if directory else lib.PVD_KIND_FILE
+        self._publish(lib.PVD_FS_HANDLES, fh, fd, kind)
+
+    def retire_handle(self, fh: int) -> bool:
+        return self._retire(lib.PVD_FS_HANDLES, fh)
+
+    def stats(self) -> FastPathStats:
+        out = ffi.new("struct pvd_fs_stats *")
+        lib.pvd_fs_stats(self._fs, out)
+        return FastPathStats(
+            int(out.inodes),
+            int(out.handles),
+            int(out.getattr),
+            int(out.read),
+            int(out.write),
+            int(out.busy_now),
+            int(out.busy_max),
+        )
+
+    def reset_busy_max(self) -> None:
+        lib.pvd_fs_reset_busy_max(self._fs)
+
+
+class SlowQueue:
+    """Chains waiting for a Python worker; many runners put, many workers take."""
+
+    def __init__(self) -> None:
+        ptr = lib.pvd_slowq_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("cannot create the slow queue")
+        self._q: Any = ffi.gc(ptr, lib.pvd_slowq_free)
+
+    def _c_handle(self) -> Any:
+        return self._q
+
+    def take(self, queue: Callable[[int], VirtQueue]) -> Chain | None:
+        """Block (GIL released) for the next chain; None once closed and empty.
+
+        ``queue(index)`` gives the :class:`VirtQueue` a chain came from.
+        """
+        out = ffi.new("struct pvd_chain **")
+        if not lib.pvd_slowq_take(self._q, out):
+            return None
+        c = ffi.gc(out[0], lib.pvd_chain_free)
+        return Chain._wrap(queue(Chain._queue_index(c)), c)
+
+    def close(self) -> None:
+        """Wake every taker; take() returns None once the queue is empty."""
+        lib.pvd_slowq_close(self._q)
+
+    def __len__(self) -> int:
+        return int(lib.pvd_slowq_len(self._q))

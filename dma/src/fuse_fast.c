@@ -1,0 +1,581 @@
+/*
+ * The FUSE fast path: the commonest requests served start to finish in C,
+ * on the queue thread, without the GIL.
+ *
+ * Ownership.  Python (daemon/passthrough) is the one owner of the inode and
+ * handle tables and of every opcode's meaning.  This file sees a *mirror*
+ * that Python publishes into (pvd_fs_publish / pvd_fs_retire):
+ *
+ *   inodes:  nodeid -> the inode's O_PATH fd
+ *   handles: fh     -> the open fd, and whether it is a file or a directory
+ *
+ * Publishing hands the mirror the duty to close that fd: Python retires an
+ * entry where it would otherwise close the fd (when its own last borrow is
+ * gone), and the mirror closes it once no fast-path request still uses it.
+ * So an fd number is never closed under a C user and never reused while a
+ * request may still act on it.  Node IDs and fhs are never reused either.
+ *
+ * What is served here is exactly what the Python handlers would answer for
+ * the same request (daemon/fuse/session.py + passthrough/filesystem.py):
+ * GETATTR, READ and WRITE in their ordinary forms.  Anything else -- an
+ * unknown id, a wrong handle kind, a malformed or unusual request, the
+ * session not initialised, a read-only share for WRITE, a kill-suid write
+ * as root -- goes to Python untouched (return 0), which answers it and logs
+ * what deserves a log line.  Host errors of the system call itself (EIO,
+ * ENOSPC, ...) are answered here with -errno, as Python would.
+ *
+ * Nothing here allocates per request: a request is a view of the queue's
+ * iovec buffer, replies are built on the stack, and the mirror lookup takes
+ * a shard mutex and a reference count.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/fsuid.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* include/uapi/linux/fuse.h */
+#define FUSE_GETATTR 3
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define FUSE_GETATTR_FH (1u << 0)
+#define FUSE_WRITE_KILL_SUIDGID (1u << 2)
+#define IN_HEADER_SIZE 40
+#define OUT_HEADER_SIZE 16
+#define GETATTR_IN_SIZE 16
+#define READ_IN_SIZE 40
+#define WRITE_IN_SIZE 40
+#define ATTR_OUT_SIZE 104
+#define WRITE_OUT_SIZE 8
+/* session.py MAX_BODY: larger bodies are refused by Python (with a log line) */
+#define MAX_BODY ((1u << 16) + 2 * 4096 + 256)
+#define OFFSET_MAX INT64_MAX
+
+#define SHARDS 16
+
+struct entry {
+	uint64_t key;
+	int fd;
+	uint32_t kind;
+	uint32_t refs; /* fast-path users right now */
+	int dead;      /* retired: unlinked from the map, closed at refs == 0 */
+	struct entry *next;
+};
+
+struct shard {
+	pthread_mutex_t lock;
+	struct entry **buckets;
+	uint32_t nbuckets; /* power of two */
+	uint32_t count;
+};
+
+struct pvd_fs {
+	struct shard tables[2][SHARDS];
+	atomic_int ready;
+	/* settings (pvd_fs_configure); written before ready is set */
+	uint64_t attr_valid;
+	uint32_t attr_valid_nsec;
+	int readonly;
+	int switch_creds;
+	/* statistics */
+	atomic_uint_fast64_t served[3]; /* GETATTR, READ, WRITE */
+	atomic_int busy, busy_max;
+};
+
+/* ---------------------------------------------------------------- mirror */
+
+static uint64_t mix(uint64_t k)
+{
+	k ^= k >> 33;
+	k *= 0xff51afd7ed558ccdULL;
+	k ^= k >> 33;
+	return k;
+}
+
+static struct shard *shard_of(struct pvd_fs *fs, int table, uint64_t key)
+{
+	return &fs->tables[table][key & (SHARDS - 1)];
+}
+
+static struct entry **slot(struct shard *s, uint64_t key)
+{
+	return &s->buckets[mix(key >> 4) & (s->nbuckets - 1)];
+}
+
+struct pvd_fs *pvd_fs_new(void)
+{
+	struct pvd_fs *fs = calloc(1, sizeof(*fs));
+	if (!fs)
+		return NULL;
+	for (int t = 0; t < 2; t++) {
+		for (int i = 0; i < SHARDS; i++) {
+			struct shard *s = &fs->tables[t][i];
+			pthread_mutex_init(&s->lock, NULL);
+			s->nbuckets = 16;
+			s->buckets = calloc(s->nbuckets, sizeof(*s->buckets));
+			if (!s->buckets) {
+				pvd_fs_free(fs);
+				return NULL;
+			}
+		}
+	}
+	return fs;
+}
+
+void pvd_fs_free(struct pvd_fs *fs)
+{
+	if (!fs)
+		return;
+	for (int t = 0; t < 2; t++) {
+		for (int i = 0; i < SHARDS; i++) {
+			struct shard *s = &fs->tables[t][i];
+			for (uint32_t b = 0; s->buckets && b < s->nbuckets; b++) {
+				struct entry *e = s->buckets[b];
+				while (e) {
+					struct entry *n = e->next;
+					close(e->fd); /* the mirror owns published fds */
+					free(e);
+					e = n;
+				}
+			}
+			free(s->buckets);
+			pthread_mutex_destroy(&s->lock);
+		}
+	}
+	free(fs);
+}
+
+void pvd_fs_configure(struct pvd_fs *fs, uint64_t attr_valid, uint32_t attr_valid_nsec,
+		      int readonly, int switch_creds)
+{
+	fs->attr_valid = attr_valid;
+	fs->attr_valid_nsec = attr_valid_nsec;
+	fs->readonly = !!readonly;
+	fs->switch_creds = !!switch_creds;
+}
+
+void pvd_fs_set_ready(struct pvd_fs *fs, int ready)
+{
+	/* Release: the settings above are visible to a queue thread that sees ready. */
+	atomic_store_explicit(&fs->ready, !!ready, memory_order_release);
+}
+
+/* Lock held.  Double the buckets when the chains get long; failure is harmless. */
+static void maybe_grow(struct shard *s)
+{
+	if (s->count < 2 * s->nbuckets)
+		return;
+	uint32_t n = s->nbuckets * 2;
+	struct entry **nb = calloc(n, sizeof(*nb));
+	if (!nb)
+		return;
+	for (uint32_t b = 0; b < s->nbuckets; b++) {
+		struct entry *e = s->buckets[b];
+		while (e) {
+			struct entry *next = e->next;
+			struct entry **h = &nb[mix(e->key >> 4) & (n - 1)];
+			e->next = *h;
+			*h = e;
+			e = next;
+		}
+	}
+	free(s->buckets);
+	s->buckets = nb;
+	s->nbuckets = n;
+}
+
+int pvd_fs_publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t kind)
+{
+	if (table < 0 || table > 1 || fd < 0)
+		return PVD_E_INVAL;
+	struct shard *s = shard_of(fs, table, key);
+	struct entry *e = malloc(sizeof(*e));
+	if (!e)
+		return PVD_E_NOMEM;
+	*e = (struct entry){ .key = key, .fd = fd, .kind = kind };
+	pthread_mutex_lock(&s->lock);
+	for (struct entry *x = *slot(s, key); x; x = x->next) {
+		if (x->key == key) {
+			pthread_mutex_unlock(&s->lock);
+			free(e);
+			return PVD_E_INVAL; /* ids are never reused: a duplicate is our bug */
+		}
+	}
+	maybe_grow(s);
+	struct entry **h = slot(s, key);
+	e->next = *h;
+	*h = e;
+	s->count++;
+	pthread_mutex_unlock(&s->lock);
+	return PVD_OK;
+}
+
+int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
+{
+	if (table < 0 || table > 1)
+		return PVD_E_INVAL;
+	struct shard *s = shard_of(fs, table, key);
+	int close_fd = -1;
+	pthread_mutex_lock(&s->lock);
+	struct entry **p = slot(s, key);
+	while (*p && (*p)->key != key)
+		p = &(*p)->next;
+	struct entry *e = *p;
+	if (!e) {
+		pthread_mutex_unlock(&s->lock);
+		return PVD_E_NOT_FOUND;
+	}
+	*p = e->next;
+	s->count--;
+	if (e->refs == 0) {
+		close_fd = e->fd;
+		free(e);
+	} else {
+		e->dead = 1; /* the last fast-path user closes it (entry_put) */
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (close_fd >= 0)
+		close(close_fd);
+	return PVD_OK;
+}
+
+uint64_t pvd_fs_count(struct pvd_fs *fs, int table)
+{
+	uint64_t n = 0;
+	if (table < 0 || table > 1)
+		return 0;
+	for (int i = 0; i < SHARDS; i++) {
+		struct shard *s = &fs->tables[table][i];
+		pthread_mutex_lock(&s->lock);
+		n += s->count;
+		pthread_mutex_unlock(&s->lock);
+	}
+	return n;
+}
+
+void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out)
+{
+	out->inodes = pvd_fs_count(fs, PVD_FS_INODES);
+	out->handles = pvd_fs_count(fs, PVD_FS_HANDLES);
+	out->getattr = atomic_load(&fs->served[0]);
+	out->read = atomic_load(&fs->served[1]);
+	out->write = atomic_load(&fs->served[2]);
+	out->busy_now = (uint32_t)atomic_load(&fs->busy);
+	out->busy_max = (uint32_t)atomic_load(&fs->busy_max);
+}
+
+void pvd_fs_reset_busy_max(struct pvd_fs *fs)
+{
+	atomic_store(&fs->busy_max, atomic_load(&fs->busy));
+}
+
+void pvd_fs_busy_enter(struct pvd_fs *fs)
+{
+	int now = atomic_fetch_add(&fs->busy, 1) + 1;
+	int max = atomic_load(&fs->busy_max);
+	while (now > max && !atomic_compare_exchange_weak(&fs->busy_max, &max, now))
+		;
+}
+
+void pvd_fs_busy_leave(struct pvd_fs *fs)
+{
+	atomic_fetch_sub(&fs->busy, 1);
+}
+
+/* A live entry with a reference taken, or NULL. */
+static struct entry *entry_get(struct pvd_fs *fs, int table, uint64_t key)
+{
+	struct shard *s = shard_of(fs, table, key);
+	pthread_mutex_lock(&s->lock);
+	struct entry *e = *slot(s, key);
+	while (e && e->key != key)
+		e = e->next;
+	if (e)
+		e->refs++;
+	pthread_mutex_unlock(&s->lock);
+	return e;
+}
+
+static void entry_put(struct pvd_fs *fs, int table, struct entry *e)
+{
+	struct shard *s = shard_of(fs, table, e->key);
+	int close_fd = -1;
+	pthread_mutex_lock(&s->lock);
+	if (--e->refs == 0 && e->dead) {
+		close_fd = e->fd;
+		free(e);
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (close_fd >= 0)
+		close(close_fd);
+}
+
+/* --------------------------------------------------------------- requests */
+
+struct in_header {
+	uint32_t len, opcode;
+	uint64_t unique, nodeid;
+	uint32_t uid, gid, pid;
+	uint16_t total_extlen, padding;
+};
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static void read_part(const struct pvd_req *r, uint64_t off, void *buf, uint64_t len)
+{
+	pvd_iov_copy(r->iov, r->nr, off, buf, len, 0);
+}
+
+static void write_reply(const struct pvd_req *r, uint64_t off, const void *buf, uint64_t len)
+{
+	pvd_iov_copy(r->iov + r->nr, r->nw, off, (uint8_t *)buf, len, 1);
+}
+
+/* fuse_out_header at offset 0 of the writable part; returns the used length. */
+static uint32_t reply_header(const struct pvd_req *r, uint64_t unique, int32_t error,
+			     uint32_t payload)
+{
+	uint8_t h[OUT_HEADER_SIZE];
+	uint32_t total = OUT_HEADER_SIZE + payload;
+	put32(h, total);
+	memcpy(h + 4, &error, 4);
+	put64(h + 8, unique);
+	write_reply(r, 0, h, sizeof(h));
+	return total;
+}
+
+static uint32_t reply_errno(const struct pvd_req *r, uint64_t unique, int err)
+{
+	return reply_header(r, unique, -(err ? err : EIO), 0);
+}
+
+/* passthrough/filesystem.py encode_dev: host dev_t -> new_encode_dev. */
+static uint32_t encode_dev(dev_t d)
+{
+	uint32_t ma = major(d), mi = minor(d);
+	return (mi & 0xff) | ((ma & 0xfff) << 8) | ((mi & ~0xffu) << 12);
+}
+
+static uint32_t clamp32(uint64_t v) { return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v; }
+
+/* fuse_attr (88 bytes), as stat_to_attr() builds it. */
+static void encode_attr(uint8_t *a, const struct stat *st)
+{
+	put64(a + 0, st->st_ino);
+	put64(a + 8, (uint64_t)st->st_size);
+	put64(a + 16, (uint64_t)st->st_blocks);
+	put64(a + 24, (uint64_t)st->st_atim.tv_sec);
+	put64(a + 32, (uint64_t)st->st_mtim.tv_sec);
+	put64(a + 40, (uint64_t)st->st_ctim.tv_sec);
+	put32(a + 48, (uint32_t)st->st_atim.tv_nsec);
+	put32(a + 52, (uint32_t)st->st_mtim.tv_nsec);
+	put32(a + 56, (uint32_t)st->st_ctim.tv_nsec);
+	put32(a + 60, st->st_mode);
+	put32(a + 64, clamp32(st->st_nlink));
+	put32(a + 68, st->st_uid);
+	put32(a + 72, st->st_gid);
+	put32(a + 76, encode_dev(st->st_rdev));
+	put32(a + 80, clamp32((uint64_t)st->st_blksize));
+	put32(a + 84, 0);
+}
+
+static int fast_getattr(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+			uint32_t *used)
+{
+	uint8_t in[GETATTR_IN_SIZE];
+	if (h->len < IN_HEADER_SIZE + GETATTR_IN_SIZE || r->wlen < OUT_HEADER_SIZE + ATTR_OUT_SIZE)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
+	uint32_t flags = get32(in);
+	int table = PVD_FS_INODES;
+	uint64_t key = h->nodeid;
+	if (flags & FUSE_GETATTR_FH) {
+		table = PVD_FS_HANDLES;
+		key = get64(in + 8);
+	}
+	struct entry *e = entry_get(fs, table, key);
+	if (!e)
+		return 0; /* EBADF and its log line come from Python */
+	struct stat st;
+	int rc = fstat(e->fd, &st);
+	int err = errno;
+	entry_put(fs, table, e);
+	if (rc < 0) {
+		*used = reply_errno(r, h->unique, err);
+		return 1;
+	}
+	uint8_t out[ATTR_OUT_SIZE];
+	put64(out, fs->attr_valid);
+	put32(out + 8, fs->attr_valid_nsec);
+	put32(out + 12, 0);
+	encode_attr(out + 16, &st);
+	write_reply(r, OUT_HEADER_SIZE, out, sizeof(out));
+	*used = reply_header(r, h->unique, 0, ATTR_OUT_SIZE);
+	atomic_fetch_add_explicit(&fs->served[0], 1, memory_order_relaxed);
+	return 1;
+}
+
+static int fast_read(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+		     uint32_t *used)
+{
+	uint8_t in[READ_IN_SIZE];
+	if (h->len < IN_HEADER_SIZE + READ_IN_SIZE || r->wlen < OUT_HEADER_SIZE)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
+	uint64_t fh = get64(in), offset = get64(in + 8);
+	uint64_t size = get32(in + 16);
+	if (offset > (uint64_t)OFFSET_MAX)
+		return 0; /* EINVAL from Python */
+	if (size > r->wlen - OUT_HEADER_SIZE)
+		size = r->wlen - OUT_HEADER_SIZE;
+	struct entry *e = entry_get(fs, PVD_FS_HANDLES, fh);
+	if (!e)
+		return 0;
+	if (e->kind != PVD_KIND_FILE) {
+		entry_put(fs, PVD_FS_HANDLES, e);
+		return 0;
+	}
+	int err = 0;
+	int64_t n = size ? pvd_iov_io(r->iov + r->nr, r->nw, e->fd, (int64_t)offset, size,
+				      OUT_HEADER_SIZE, &err, 1)
+			 : 0;
+	entry_put(fs, PVD_FS_HANDLES, e);
+	if (n < 0) {
+		*used = reply_errno(r, h->unique, err);
+		return 1;
+	}
+	*used = reply_header(r, h->unique, 0, (uint32_t)n);
+	atomic_fetch_add_explicit(&fs->served[1], 1, memory_order_relaxed);
+	return 1;
+}
+
+/*
+ * Per-thread credentials for a kill-suid WRITE (HANDLE_KILLPRIV_V2): as
+ * oscalls.caller_credentials(), the thread drops its supplementary groups
+ * once, and switches fsgid then fsuid for the one call.  With a non-zero
+ * fsuid the kernel also clears CAP_FSETID (and the other filesystem
+ * capabilities) from the effective set, so the host clears setuid/setgid/
+ * security.capability exactly as for that caller; switching back to 0
+ * restores them from the permitted set (capabilities(7)).
+ */
+static _Thread_local int groups_dropped;
+
+static int switch_fs_ids(uint32_t uid, uint32_t gid)
+{
+	if (!groups_dropped) {
+		if (syscall(SYS_setgroups, 0, NULL) != 0)
+			return -1;
+		groups_dropped = 1;
+	}
+	setfsgid(gid);
+	if ((uint32_t)setfsgid((gid_t)-1) != gid)
+		return -1;
+	setfsuid(uid);
+	if ((uint32_t)setfsuid((uid_t)-1) != uid) {
+		setfsgid(0);
+		return -1;
+	}
+	return 0;
+}
+
+static void restore_fs_ids(void)
+{
+	setfsuid(0);
+	setfsgid(0);
+}
+
+static int fast_write(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+		      uint32_t *used)
+{
+	uint8_t in[WRITE_IN_SIZE];
+	const uint64_t start = IN_HEADER_SIZE + WRITE_IN_SIZE;
+	if (fs->readonly || h->len < start || r->wlen < OUT_HEADER_SIZE + WRITE_OUT_SIZE)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
+	uint64_t fh = get64(in), offset = get64(in + 8);
+	uint64_t size = get32(in + 16);
+	uint32_t write_flags = get32(in + 20);
+	if (size > h->len - start)
+		return 0; /* malformed: Python logs it */
+	if (offset > (uint64_t)OFFSET_MAX || offset + size > (uint64_t)OFFSET_MAX + 1)
+		return 0; /* EINVAL / EFBIG from Python */
+	int kill = !!(write_flags & FUSE_WRITE_KILL_SUIDGID);
+	if (kill && (!fs->switch_creds || h->uid == 0))
+		return 0; /* Python drops CAP_FSETID with capset for these */
+	struct entry *e = entry_get(fs, PVD_FS_HANDLES, fh);
+	if (!e)
+		return 0;
+	if (e->kind != PVD_KIND_FILE) {
+		entry_put(fs, PVD_FS_HANDLES, e);
+		return 0;
+	}
+	if (kill && switch_fs_ids(h->uid, h->gid) != 0) {
+		restore_fs_ids();
+		entry_put(fs, PVD_FS_HANDLES, e);
+		return 0; /* let Python report it */
+	}
+	int err = 0;
+	int64_t n = size ? pvd_iov_io(r->iov, r->nr, e->fd, (int64_t)offset, size, start, &err, 0)
+			 : 0;
+	if (kill)
+		restore_fs_ids();
+	entry_put(fs, PVD_FS_HANDLES, e);
+	if (n < 0) {
+		*used = reply_errno(r, h->unique, err);
+		return 1;
+	}
+	uint8_t out[WRITE_OUT_SIZE];
+	put32(out, (uint32_t)n);
+	put32(out + 4, 0);
+	write_reply(r, OUT_HEADER_SIZE, out, sizeof(out));
+	*used = reply_header(r, h->unique, 0, WRITE_OUT_SIZE);
+	atomic_fetch_add_explicit(&fs->served[2], 1, memory_order_relaxed);
+	return 1;
+}
+
+int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used,
+		    uint32_t *opcode, uint64_t *unique)
+{
+	uint8_t raw[IN_HEADER_SIZE];
+	struct in_header h;
+	*opcode = 0;
+	*unique = 0;
+	if (req->rlen < IN_HEADER_SIZE)
+		return 0;
+	read_part(req, 0, raw, sizeof(raw));
+	h.len = get32(raw);
+	h.opcode = get32(raw + 4);
+	h.unique = get64(raw + 8);
+	h.nodeid = get64(raw + 16);
+	h.uid = get32(raw + 24);
+	h.gid = get32(raw + 28);
+	*opcode = h.opcode;
+	*unique = h.unique;
+	/* Acquire: pairs with pvd_fs_set_ready's release (settings published). */
+	if (!fs || !atomic_load_explicit(&fs->ready, memory_order_acquire))
+		return 0;
+	if (h.len < IN_HEADER_SIZE || h.len > req->rlen)
+		return 0;
+	if (h.opcode != FUSE_WRITE && h.len - IN_HEADER_SIZE > MAX_BODY)
+		return 0;
+	switch (h.opcode) {
+	case FUSE_GETATTR:
+		return fast_getattr(fs, req, &h, used);
+	case FUSE_READ:
+		return fast_read(fs, req, &h, used);
+	case FUSE_WRITE:
+		return fast_write(fs, req, &h, used);
+	default:
+		return 0;
+	}
+}

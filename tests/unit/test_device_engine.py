@@ -1,0 +1,289 @@
+"""The request engine: C fast path, Python workers, out-of-order completion.
+
+Through the whole device (fake front-end -> vhost-user -> queue runner), as
+in test_device_frontend.py: what the fast path answers must be byte for
+byte what the Python session answers, requests complete in whatever order
+they finish, and a restarted ring never replays what it already served.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from pyvirtiofsd.daemon.device import FsDevice
+from pyvirtiofsd.dma import FastPath
+from tests.support.fakechain import (
+    init_body,
+    name_body,
+    open_fds,
+    parse_attr,
+    parse_entry,
+    read_body,
+    release_body,
+    request,
+    write_body,
+)
+from tests.unit.test_device_frontend import GETATTR, INIT, LOOKUP, OPEN, READ, Rig, running_device
+
+WRITE, OPENDIR, RELEASE, FSYNC = 16, 27, 18, 20
+
+
+async def setup_file(rig: Rig, flags: int = os.O_RDWR) -> tuple[int, int]:
+    assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+    err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
+    assert err == 0
+    nodeid = parse_entry(payload).nodeid
+    err, payload = await rig.fuse(OPEN, nodeid, struct.pack("<II", flags, 0))
+    assert err == 0
+    return nodeid, struct.unpack_from("<Q", payload)[0]
+
+
+def fast(rig: Rig) -> FastPath:
+    dev = rig.devices[0]
+    assert dev.fast is not None
+    return dev.fast
+
+
+async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
+                    writable: list[int] | None = None) -> tuple[int, bytes]:  # fmt: skip
+    """The same request answered by the fast path, then by Python: identical replies."""
+    fp = fast(rig)
+    before = fp.stats()
+    in_c = await rig.fuse(opcode, nodeid, body, writable)
+    after = fp.stats()
+    fp.ready = False  # the session's switch: everything goes to Python
+    try:
+        in_python = await rig.fuse(opcode, nodeid, body, writable)
+    finally:
+        fp.ready = True
+    assert fp.stats()[2:5] == after[2:5]  # Python's answer did not come from C
+    assert in_c == in_python
+    return in_c[0], bytes(after[2] - before[2] + after[3] - before[3] + after[4] - before[4])
+
+
+async def test_fast_path_answers_exactly_as_python(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as rig:
+        nodeid, fh = await setup_file(rig)
+        data = (bytes(range(256)) * 40)
+        # GETATTR of an inode and of a handle (GETATTR_FH), in place
+        err, n = await both_ways(rig, GETATTR, 1, bytes(16))
+        assert err == 0 and len(n) == 1
+        err, n = await both_ways(rig, GETATTR, nodeid, struct.pack("<IIQ", 1, 0, fh))
+        assert err == 0 and len(n) == 1
+        # READ: inside, across EOF, past EOF, zero bytes, split reply buffers
+        for off, size, writable in [(0, 4096, None), (10000, 4096, None), (20000, 100, None),
+                                    (5, 0, None), (100, 9000, [16, 1000, 4096, 4096]),
+                                    (0, 4096, [16, 100])]:  # fmt: skip
+            err, n = await both_ways(rig, READ, nodeid, read_body(fh, off, size), writable)
+            assert err == 0 and len(n) == 1, (off, size)
+        assert (await rig.fuse(READ, nodeid, read_body(fh, 1, 9)))[1] == data[1:10]
+        # WRITE, answered in place and landing in the file
+        err, n = await both_ways(rig, WRITE, nodeid, write_body(fh, 3, b"hello"))
+        assert err == 0 and len(n) == 1
+        assert (rig.share / "file.bin").read_bytes()[:10] == data[:3] + b"hello" + data[8:10]
+        # what the fast path hands to Python, Python answers (and both agree)
+        cases = [
+            (GETATTR, 999, bytes(16)),  # unknown node: EBADF
+            (GETATTR, 1, struct.pack("<IIQ", 1, 0, 999)),  # unknown handle
+            (READ, nodeid, read_body(999, 0, 10)),
+            (READ, nodeid, read_body(fh, 1 << 63, 10)),  # offset > OFFSET_MAX
+            (WRITE, nodeid, write_body(999, 0, b"x")),
+            (GETATTR, 1, bytes(8)),  # body too short: malformed
+        ]
+        for opcode, node, body in cases:
+            err, n = await both_ways(rig, opcode, node, body)
+            assert err < 0 and len(n) == 0, (opcode, body)
+        # a directory handle is not read in place (EBADF from Python)
+        err, payload = await rig.fuse(OPENDIR, 1, struct.pack("<II", os.O_RDONLY, 0))
+        assert err == 0
+        dfh = struct.unpack_from("<Q", payload)[0]
+        err, n = await both_ways(rig, READ, 1, read_body(dfh, 0, 10))
+        assert err == -errno.EBADF and len(n) == 0
+        err, n = await both_ways(rig, GETATTR, 1, struct.pack("<IIQ", 1, 0, dfh))
+        assert err == 0 and len(n) == 1
+
+
+async def test_fast_path_reply_matches_host_stat(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as rig:
+        nodeid, _fh = await setup_file(rig)
+        before = fast(rig).stats().getattr
+        err, payload = await rig.fuse(GETATTR, nodeid, bytes(16))
+        assert err == 0 and fast(rig).stats().getattr == before + 1
+        attr_valid, attr_nsec = struct.unpack_from("<QI", payload)
+        assert (attr_valid, attr_nsec) == (1, 0)  # cache=auto: 1 s
+        attr = parse_attr(payload, 16)
+        st = os.stat(rig.share / "file.bin")
+        assert attr[0] == st.st_ino and attr[1] == st.st_size
+        assert attr[9] == st.st_mode and stat.S_ISREG(attr[9])
+
+
+async def test_kill_suidgid_write_in_place_clears_setuid(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("credential switching needs root")
+    async with running_device(tmp_path) as rig:
+        path = rig.share / "file.bin"
+        os.chown(path, 1000, 1000)
+        os.chmod(path, 0o6755)
+        nodeid, fh = await setup_file(rig)
+        before = fast(rig).stats().write
+        rig.unique += 1
+        body = write_body(fh, 0, b"abc", write_flags=4)  # FUSE_WRITE_KILL_SUIDGID
+        head = rig.q.add_chain([request(WRITE, nodeid, body, unique=rig.unique, uid=1000,
+                                        gid=1000)], [4096])  # fmt: skip
+        ((h, used),) = await rig.submit()
+        assert h == head and used == 24
+        assert fast(rig).stats().write == before + 1  # served in C, as the caller
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o755  # setuid and setgid gone
+        assert path.read_bytes()[:3] == b"abc"
+
+
+async def test_blocking_request_does_not_hold_up_the_queue(tmp_path: Path) -> None:
+    """FSYNC blocks on a Python worker while GETATTRs behind it complete first.
+
+    The FSYNC is held until the test releases it; the later requests on the
+    same queue must finish meanwhile, and the FSYNC completes after them.
+    """
+    async with running_device(tmp_path) as rig:
+        nodeid, fh = await setup_file(rig)
+        dev: FsDevice = rig.devices[0]
+        hold = threading.Event()
+        released = threading.Event()
+        real_fsync = dev.session.fs.fsync
+
+        def slow_fsync(fh_: int, datasync: bool, *, isdir: bool = False) -> None:
+            hold.wait(10)
+            released.set()
+            real_fsync(fh_, datasync, isdir=isdir)
+
+        dev.session.fs.fsync = slow_fsync  # type: ignore[method-assign]
+        rig.unique += 1
+        fsync_head = rig.q.add_chain(
+            [request(FSYNC, nodeid, struct.pack("<QII", fh, 0, 0), unique=rig.unique)], [16]
+        )
+        os.eventfd_write(rig.kick, 1)
+        # GETATTRs submitted after the FSYNC complete while it still blocks
+        for _ in range(3):
+            err, _ = await rig.fuse(GETATTR, 1, bytes(16))
+            assert err == 0
+        assert not released.is_set()
+        hold.set()
+        with trio.fail_after(10):
+            while True:
+                await trio.lowlevel.wait_readable(rig.call)
+                os.eventfd_read(rig.call)
+                used = rig.q.collect_used()
+                if used:
+                    break
+        assert used == [(fsync_head, 16)]
+
+
+async def test_restart_without_get_vring_base_does_not_replay(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as rig:
+        _nodeid, _fh = await setup_file(rig)
+        served = rig.devices[0]._rings[1].vq.stats().requests
+        # SET_VRING_ENABLE 0 then 1: the ring resumes where it stopped
+        assert await rig.fe.set_vring_enable(1, False, need_reply=True) == 0
+        assert await rig.fe.set_vring_enable(1, True, need_reply=True) == 0
+        # and a second SET_VRING_KICK does the same
+        await rig.fe.set_vring_kick(1, os.dup(rig.kick))
+        err, _ = await rig.fuse(GETATTR, 1, bytes(16))
+        assert err == 0
+        vq = rig.devices[0]._rings[1].vq
+        assert vq.stats().requests == served + 1  # nothing served twice
+        assert vq.last_avail_idx == rig.q.avail_idx
+
+
+async def test_runner_failure_is_signalled_on_the_err_eventfd(tmp_path: Path) -> None:
+    async with running_device(tmp_path, thread_pool_size=0) as rig:
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            await rig.fe.set_vring_err(1, os.dup(err_fd))
+            dev = rig.devices[0]
+
+            def broken(chain: object) -> None:
+                raise RuntimeError("injected bug")
+
+            dev._serve = broken  # type: ignore[method-assign,assignment]
+            rig.unique += 1
+            rig.q.add_chain([request(LOOKUP, 1, name_body(b"file.bin"), unique=rig.unique)],
+                            [4096])  # fmt: skip
+            os.eventfd_write(rig.kick, 1)
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(err_fd)
+            assert os.eventfd_read(err_fd) == 1
+        finally:
+            os.close(err_fd)
+
+
+async def test_stats_file_counts_requests_per_queue(tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    async with running_device(tmp_path, stats_file=stats) as rig:
+        nodeid, fh = await setup_file(rig)
+        for _ in range(5):
+            assert (await rig.fuse(READ, nodeid, read_body(fh, 0, 100)))[0] == 0
+        rig.devices[0]._write_stats()
+        data = json.loads(stats.read_text())
+        q1 = data["queues"]["1"]
+        assert q1["requests"] == 8 and q1["fast"] == 5 and q1["slow"] == 3
+        assert data["queues"]["2"]["requests"] == 0
+        assert data["fast_path"]["read"] == 5
+        assert data["busy_max"] >= 1
+
+
+async def test_destroy_leaks_no_fd_through_the_mirror(tmp_path: Path) -> None:
+    async with running_device(tmp_path) as rig:
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        base = open_fds()
+        for i in range(20):
+            (rig.share / f"f{i}").write_bytes(b"x")
+        handles = []
+        for i in range(20):
+            err, payload = await rig.fuse(LOOKUP, 1, name_body(f"f{i}".encode()))
+            nodeid = parse_entry(payload).nodeid
+            err, payload = await rig.fuse(OPEN, nodeid, struct.pack("<II", os.O_RDONLY, 0))
+            handles.append((nodeid, struct.unpack_from("<Q", payload)[0]))
+        assert open_fds() == base + 40
+        assert fast(rig).stats()[:2] == (21, 20)
+        for _nodeid, fh in handles[:10]:
+            assert (await rig.fuse(RELEASE, 1, release_body(fh)))[0] == 0
+        assert open_fds() == base + 30 and fast(rig).stats().handles == 10
+        assert (await rig.fuse(38, 1, b""))[0] == 0  # DESTROY
+        assert open_fds() == base
+        assert fast(rig).stats()[:2] == (1, 0) and not fast(rig).ready
+        # after DESTROY nothing is served in place until the next INIT
+        before = fast(rig).stats().getattr
+        err, _ = await rig.fuse(GETATTR, 1, bytes(16))
+        assert err == -errno.EIO and fast(rig).stats().getattr == before
+
+
+def test_mirror_closes_a_retired_fd_and_refuses_duplicates(tmp_path: Path) -> None:
+    fp = FastPath()
+    fd = os.open(tmp_path, os.O_PATH)
+    fp.publish_inode(5, fd)
+    with pytest.raises(ValueError):
+        fp.publish_inode(5, fd)
+    assert fp.stats().inodes == 1
+    assert fp.retire_inode(5) is True
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF
+    assert fp.retire_inode(5) is False
+    # freeing the mirror closes what is still published
+    fd2 = os.open(tmp_path, os.O_PATH)
+    fp.publish_handle(9, fd2, directory=True)
+    del fp
+    import gc
+
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd2)
