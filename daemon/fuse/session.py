@@ -33,7 +33,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 # The module, not its names: importing the passthrough package first imports
 # this one half-way through it (filesystem.py needs ..fuse.abi).
@@ -48,6 +48,9 @@ from .errors import (
     UnsupportedOperation,
 )
 
+if TYPE_CHECKING:
+    from ..passthrough.locks import LockWait
+
 __all__ = ["DEFAULT_INIT_FLAGS", "FuseSession", "RequestChain", "wanted_init_flags"]
 
 logger = logging.getLogger("pyvirtiofsd.fuse")
@@ -56,12 +59,8 @@ _OUT = abi.OUT_HEADER.size
 #: Largest request body read into memory (everything but WRITE's payload):
 #: room for two PATH_MAX names plus a 64 KiB xattr value.
 MAX_BODY = (1 << 16) + 2 * 4096 + 256
-
-
-class FastPathSwitch(Protocol):
-    """The session turns the C fast path (:class:`~pyvirtiofsd.dma.FastPath`) on and off."""
-
-    ready: bool
+#: INTERRUPTs remembered for requests not seen yet (see ``_interrupt``).
+_EARLY_INTERRUPTS = 64
 
 
 class RequestChain(Protocol):
@@ -98,8 +97,9 @@ _Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
 #:
 #: * ASYNC_READ: several READs of one file may be in flight (we are threaded).
 #: * POSIX_LOCKS, FLOCK_LOCKS: fcntl and flock locks are served (as host OFD
-#:   and flock locks) so that they are seen by host processes as well; see
-#:   ``PassthroughFs.setlk`` for how SETLKW avoids blocking a queue.
+#:   and flock locks) so that they are seen by host processes as well; a
+#:   SETLKW blocks its thread until granted, INTERRUPTed or reset
+#:   (``PassthroughFs.setlk``).  Lock requests answer ENOSYS unless negotiated.
 #: * ATOMIC_O_TRUNC: OPEN carries O_TRUNC and truncates as the caller, with
 #:   FUSE_OPEN_KILL_SUIDGID honoured, in one step instead of OPEN + SETATTR.
 #: * BIG_WRITES: writes larger than a page (implied by modern kernels).
@@ -150,10 +150,8 @@ def wanted_init_flags(fs: _pfs.PassthroughFs) -> InitFlag:
     if fs.writeback and not fs.readonly:
         flags |= InitFlag.WRITEBACK_CACHE
     # Host-visible locks are opt-in (virtiofsd's no_posix_lock/no_flock
-    # defaults): a 6.1 guest sends everything on one queue, so a blocking
-    # SETLKW cannot wait there for the unlock behind it and is answered with
-    # EDEADLK after a short wait. Without these flags the guest kernel does
-    # the locking itself, with correct blocking semantics.
+    # defaults). Without these flags the guest kernel does the locking
+    # itself, invisible to host processes.
     if fs.announce_submounts:
         flags |= InitFlag.SUBMOUNTS
     if not fs.posix_locks:
@@ -214,16 +212,12 @@ class FuseSession:
         max_write: int = 1 << 20,
         max_pages: int = 256,
         init_flags: InitFlag | None = None,
-        fast: FastPathSwitch | None = None,
     ) -> None:
         if max_write < 4096 or max_write > 0xFFFF_FFFF:
             raise ValueError(f"max_write {max_write} out of range")
         if not 1 <= max_pages <= 0xFFFF:
             raise ValueError(f"max_pages {max_pages} out of range")
         self.fs = fs
-        #: the C fast path serving this session's commonest requests, if any:
-        #: on only between INIT and DESTROY/reset.
-        self.fast = fast
         self.max_write = max_write
         self.max_pages = max_pages
         self.init_flags = wanted_init_flags(fs) if init_flags is None else init_flags
@@ -231,6 +225,13 @@ class FuseSession:
         self.initialized = False
         self.proto_minor = 0
         self.flags = InitFlag(0)
+        # Blocking lock requests now waiting, by unique (INTERRUPT finds them
+        # here), and INTERRUPTs that came before their request (the guest may
+        # send both at once and they can be served in either order), each
+        # tagged with the lock manager's epoch so that a reset forgets them.
+        # Both guarded by _state_lock.
+        self._lock_waits: dict[int, LockWait] = {}
+        self._early_interrupts: dict[int, int] = {}
 
     # --- entry point ----------------------------------------------------------
 
@@ -374,8 +375,6 @@ class FuseSession:
             self.proto_minor = minor
             self.flags = flags
             self.initialized = True
-            if self.fast is not None:
-                self.fast.ready = True
         logger.info("FUSE session initialised: protocol 7.%d", minor)
         logger.debug(
             "INIT flags offered %#x, chosen %#x (%s); max_write %d, max_pages %d, max_readahead %d",
@@ -395,8 +394,6 @@ class FuseSession:
         or goes away, since the guest's references die with it.
         """
         with self._state_lock:
-            if self.fast is not None:
-                self.fast.ready = False  # before the tables go
             self.fs.destroy()
             self.initialized = False
             self.proto_minor = 0
@@ -436,8 +433,20 @@ class FuseSession:
 
     @_op(Opcode.INTERRUPT)
     def _interrupt(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        # Every request runs to completion quickly; there is nothing to interrupt.
-        # (virtio-fs in Linux 6.1 does not send INTERRUPT at all.)
+        # Only a waiting SETLKW can be interrupted (it then answers EINTR);
+        # every other request runs to completion quickly and the INTERRUPT is
+        # dropped.  One for a request not seen yet is remembered (a few, by
+        # FIFO) so that the SETLKW is cancelled as it starts.  No reply, as
+        # fuse.h allows.  (virtio-fs in Linux 6.1 does not send INTERRUPT.)
+        target = abi.INTERRUPT_IN.decode(body).unique
+        with self._state_lock:
+            wait = self._lock_waits.get(target)
+            if wait is None:
+                self._early_interrupts[target] = self.fs.locks.epoch
+                while len(self._early_interrupts) > _EARLY_INTERRUPTS:
+                    del self._early_interrupts[next(iter(self._early_interrupts))]
+        if wait is not None:
+            wait.cancel(errno.EINTR)
         return NO_REPLY
 
     # --- read-only operations ---------------------------------------------------
@@ -666,9 +675,19 @@ class FuseSession:
 
     # --- locks --------------------------------------------------------------------
 
+    def _check_lock_flags(self, lk_flags: int) -> bool:
+        """Whether this is a flock request; ENOSYS unless INIT negotiated that kind."""
+        flock = bool(lk_flags & abi.LK_FLOCK)
+        if not self.flags & (InitFlag.FLOCK_LOCKS if flock else InitFlag.POSIX_LOCKS):
+            kind = "flock" if flock else "POSIX"
+            raise UnsupportedOperation(f"{kind} locks not negotiated")
+        return flock
+
     @_op(Opcode.GETLK)
     def _getlk(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.LK_IN.decode(body)
+        if not self.flags & InitFlag.POSIX_LOCKS:
+            raise UnsupportedOperation("POSIX locks not negotiated")
         return abi.LK_OUT.encode(self.fs.getlk(hdr.nodeid, arg.fh, arg.owner, arg.lock))
 
     @_op(Opcode.SETLK)
@@ -681,6 +700,27 @@ class FuseSession:
 
     def _lock(self, hdr: InHeader, body: bytes, *, wait: bool) -> Reply:
         arg = abi.LK_IN.decode(body)
-        flock = bool(arg.lk_flags & abi.LK_FLOCK)
-        self.fs.setlk(hdr.nodeid, arg.fh, arg.owner, arg.lock, flock=flock, wait=wait)
+        flock = self._check_lock_flags(arg.lk_flags)
+        if not wait:
+            self.fs.setlk(hdr.nodeid, arg.fh, arg.owner, arg.lock, flock=flock, wait=None)
+            return b""
+        # SETLKW blocks this thread until granted, INTERRUPTed or reset.  The
+        # wait is registered under _state_lock, which reset() holds while it
+        # destroys the filesystem: either reset sees (and cancels) it, or
+        # this sees the session gone.
+        with self._state_lock:
+            if not self.initialized:
+                raise NotInitialized("SETLKW after DESTROY")
+            lock_wait = self.fs.lock_wait()
+            self._lock_waits[hdr.unique] = lock_wait
+            early = self._early_interrupts.pop(hdr.unique, None)
+        if early == self.fs.locks.epoch:
+            lock_wait.cancel(errno.EINTR)
+        try:
+            with lock_wait:
+                self.fs.setlk(hdr.nodeid, arg.fh, arg.owner, arg.lock, flock=flock, wait=lock_wait)
+        finally:
+            with self._state_lock:
+                if self._lock_waits.get(hdr.unique) is lock_wait:
+                    del self._lock_waits[hdr.unique]
         return b""

@@ -38,16 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import stat
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from ..fuse import abi
 from ..fuse.abi import (
@@ -65,16 +62,7 @@ from ..fuse.abi import (
     encode_direntplus,
 )
 from . import locks, oscalls
-from .inodes import (
-    DirEntry,
-    DirHandle,
-    FdMirror,
-    FileHandle,
-    Handle,
-    HandleTable,
-    Inode,
-    InodeTable,
-)
+from .inodes import DirEntry, DirHandle, FileHandle, Handle, HandleTable, Inode, InodeTable
 
 __all__ = ["PassthroughFs", "ReadInto", "RequestContext", "WriteFrom"]
 
@@ -104,14 +92,6 @@ _U32 = 0xFFFF_FFFF
 #: fuse_attr.flags: this directory is a mount point on the host (FUSE 7.32).
 FUSE_ATTR_SUBMOUNT = 1 << 0
 _NS = 1_000_000_000
-
-
-class FastPathMirror(FdMirror, Protocol):
-    """What :meth:`PassthroughFs.attach_fast_path` needs (a :class:`~pyvirtiofsd.dma.FastPath`)."""
-
-    def configure(
-        self, *, attr_valid: tuple[int, int], readonly: bool, switch_creds: bool
-    ) -> None: ...
 
 
 class RequestContext(NamedTuple):
@@ -202,8 +182,9 @@ class PassthroughFs:
     opened read-write even for O_WRONLY (the guest page cache reads around
     partial writes) and without O_APPEND (the guest computes the offsets).
     ``allow_device_nodes``: MKNOD may create character/block devices.
-    ``lock_wait_timeout``: how long SETLKW waits for a conflicting lock to
-    go before it answers EDEADLK (see :meth:`setlk`).
+    ``posix_locks``/``flock``: serve POSIX/flock locks as host locks (else
+    the lock operations answer ENOSYS); ``lock_fds_per_inode`` and
+    ``lock_fds`` cap the lock owners' fds (see :mod:`.locks`).
     """
 
     def __init__(
@@ -216,9 +197,10 @@ class PassthroughFs:
         xattr: bool = False,
         writeback: bool = False,
         allow_device_nodes: bool = False,
-        lock_wait_timeout: float = 0.25,
         posix_locks: bool = False,
         flock: bool = False,
+        lock_fds_per_inode: int = locks.MAX_OWNER_FDS_PER_INODE,
+        lock_fds: int = locks.MAX_OWNER_FDS,
         cache: str = "auto",
         allow_direct_io: bool = False,
         announce_submounts: bool = False,
@@ -232,15 +214,13 @@ class PassthroughFs:
         self.allow_direct_io = allow_direct_io
         self.entry_timeout = _split_timeout(entry_timeout)
         self.attr_timeout = _split_timeout(attr_timeout)
-        if lock_wait_timeout < 0:
-            raise ValueError("lock_wait_timeout must not be negative")
         self.readonly = readonly
         self.xattr = xattr
         self.writeback = writeback
         self.allow_device_nodes = allow_device_nodes
-        self.lock_wait_timeout = lock_wait_timeout
-        # Guards every Inode.plocks and is notified whenever a lock is dropped.
-        self._plock_cond = threading.Condition()
+        self.locks = locks.LockManager(
+            self._reopen, readonly=readonly, per_inode=lock_fds_per_inode, total=lock_fds
+        )
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -249,21 +229,6 @@ class PassthroughFs:
             raise
         self.inodes = InodeTable(root_fd, os.fstat(root_fd))
         self.handles = HandleTable()
-
-    def attach_fast_path(self, fast: FastPathMirror) -> None:
-        """Let the C fast path serve GETATTR/READ/WRITE from this filesystem's tables.
-
-        ``fast`` (a :class:`~pyvirtiofsd.dma.FastPath`) gets the settings it
-        answers with and a mirror of both tables (see :class:`.inodes.FdMirror`);
-        call before the first request.
-        """
-        fast.configure(
-            attr_valid=self.attr_timeout,
-            readonly=self.readonly,
-            switch_creds=oscalls.switching_enabled(),
-        )
-        self.inodes.attach_mirror(fast)
-        self.handles.attach_mirror(fast)
 
     def close(self) -> None:
         """Release every fd, the root's included."""
@@ -464,7 +429,7 @@ class PassthroughFs:
     def flush(self, fh: int, lock_owner: int) -> None:
         """close(2) of one guest fd: drop the owner's POSIX locks, flush like a close."""
         with self.handles.borrow(fh, FileHandle) as handle:
-            self._drop_lock_owner(handle.nodeid, lock_owner)
+            self._drop_lock_owner(handle, lock_owner)
             # As virtiofsd: close a duplicate so that filesystems with
             # close-to-open semantics (NFS) flush now, not at RELEASE.
             os.close(os.dup(handle.fd))
@@ -479,10 +444,9 @@ class PassthroughFs:
         if release_flags & (abi.RELEASE_FLUSH | abi.RELEASE_FLOCK_UNLOCK):
             with contextlib.suppress(OSError), self.handles.borrow(fh, FileHandle) as handle:
                 if release_flags & abi.RELEASE_FLUSH:
-                    self._drop_lock_owner(handle.nodeid, lock_owner)
+                    self._drop_lock_owner(handle, lock_owner)
                 if release_flags & abi.RELEASE_FLOCK_UNLOCK:
-                    fcntl.flock(handle.fd, fcntl.LOCK_UN)
-                    self._lock_dropped()
+                    self.locks.flock(handle, locks.F_UNLCK, None)
         self.handles.release(fh)
 
     def opendir(self, nodeid: int, flags: int) -> OpenOut:
@@ -970,49 +934,42 @@ class PassthroughFs:
 
     # --- locks ---------------------------------------------------------------------
 
-    def _owner_fd(self, inode: Inode, handle: FileHandle, owner: int) -> int:
-        """The fd carrying ``owner``'s POSIX locks on ``inode``; caller holds the cond."""
-        fd = inode.plocks.get(owner)
-        if fd is None:
-            # Read-write if we may, so that both lock types work whichever of
-            # the owner's handles asks; else the access mode of this handle.
-            try:
-                fd = self._reopen(inode.fd, os.O_RDWR)
-            except OSError:
-                fd = self._reopen(inode.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE)
-            inode.plocks[owner] = fd
-        return fd
+    def _check_locks(self, flock: bool) -> None:
+        """ENOSYS unless this kind of lock is served (the session checks INIT too)."""
+        if not (self.flock if flock else self.posix_locks):
+            raise _err(errno.ENOSYS)
 
-    def _drop_lock_owner(self, nodeid: int, owner: int) -> None:
-        """Close ``owner``'s lock fd: every POSIX lock it held on the inode goes."""
-        with (
-            contextlib.suppress(OSError),
-            self.inodes.borrow(nodeid) as inode,
-            self._plock_cond,
-        ):
-            fd = inode.plocks.pop(owner, None)
-            if fd is not None:
-                os.close(fd)
-                self._plock_cond.notify_all()
+    @contextlib.contextmanager
+    def _lock_target(self, nodeid: int, fh: int) -> Iterator[tuple[Inode, FileHandle]]:
+        """Borrow ``fh`` and its inode ``nodeid``: a regular file open in the guest.
 
-    def _lock_dropped(self) -> None:
-        with self._plock_cond:
-            self._plock_cond.notify_all()
+        EBADF if ``fh`` is not an open file of ``nodeid``, EINVAL if ``nodeid``
+        is not a regular file; nothing is opened before both hold, so no lock
+        request reaches a FIFO, a device node or a file the guest has not
+        opened.
+        """
+        with self.handles.borrow(fh, FileHandle) as handle:
+            if handle.nodeid != nodeid:
+                raise _err(errno.EBADF)
+            with self.inodes.borrow(nodeid) as inode:
+                if inode.mode != stat.S_IFREG:
+                    raise _err(errno.EINVAL)
+                yield inode, handle
+
+    def _drop_lock_owner(self, handle: FileHandle, owner: int) -> None:
+        """close(2) by ``owner``: every POSIX lock it held on the handle's inode goes."""
+        with contextlib.suppress(OSError), self.inodes.borrow(handle.nodeid) as inode:
+            self.locks.drop_owner(inode, owner)
+
+    def lock_wait(self) -> locks.LockWait:
+        """A cancellation point for one SETLKW (INTERRUPT cancels it, DESTROY too)."""
+        return self.locks.new_wait()
 
     def getlk(self, nodeid: int, fh: int, owner: int, lock: FileLock) -> FileLock:
-        """The first lock that would conflict with ``lock`` for ``owner`` (F_UNLCK: none).
-
-        Its pid is reported as 0: OFD locks have no process, and a host
-        pid means nothing in the guest.
-        """
-        raw = locks.to_flock(lock)
-        with (
-            self.inodes.borrow(nodeid) as inode,
-            self.handles.borrow(fh, FileHandle) as handle,
-            self._plock_cond,
-        ):
-            out = fcntl.fcntl(self._owner_fd(inode, handle, owner), fcntl.F_OFD_GETLK, raw)
-        return locks.from_flock(out)
+        """The first lock that would conflict with ``lock`` for ``owner`` (F_UNLCK: none)."""
+        self._check_locks(flock=False)
+        with self._lock_target(nodeid, fh) as (inode, handle):
+            return self.locks.getlk(inode, handle, owner, lock)
 
     def setlk(
         self,
@@ -1022,66 +979,25 @@ class PassthroughFs:
         lock: FileLock,
         *,
         flock: bool,
-        wait: bool,
+        wait: locks.LockWait | None,
     ) -> None:
-        """SETLK / SETLKW, POSIX record locks or (``flock``) BSD flock locks.
+        """SETLK (``wait`` None) / SETLKW, POSIX record locks or (``flock``) BSD flock.
 
-        POSIX locks are OFD locks on the owner's own fd; flock locks are
-        taken on the handle's fd (one guest open file = one host open file
-        description, which is flock's granularity).
-
-        SETLKW cannot block: a worker thread serves a whole request queue
-        (and a 6.1 guest sends every request on one queue), so the request
-        that would release the lock may be queued behind the waiter.  It is
-        retried without blocking for at most ``lock_wait_timeout`` seconds,
-        woken early whenever a lock is dropped through this filesystem (from
-        another queue) and polled for host-side holders; if the conflict
-        remains it answers EDEADLK ("waiting would deadlock"), which is an
-        error callers of F_SETLKW/flock(LOCK_EX) already handle.
+        SETLKW blocks the calling thread until the lock is granted, ``wait``
+        is cancelled (INTERRUPT: EINTR) or the filesystem is destroyed (EIO);
+        see :mod:`.locks`.
         """
-        if lock.type not in (locks.F_RDLCK, locks.F_WRLCK, locks.F_UNLCK):
-            raise _err(errno.EINVAL)
-        with self.inodes.borrow(nodeid) as inode, self.handles.borrow(fh, FileHandle) as handle:
+        self._check_locks(flock)
+        with self._lock_target(nodeid, fh) as (inode, handle):
             if flock:
-                op = {
-                    locks.F_RDLCK: fcntl.LOCK_SH,
-                    locks.F_WRLCK: fcntl.LOCK_EX,
-                    locks.F_UNLCK: fcntl.LOCK_UN,
-                }[lock.type]
-
-                def attempt() -> None:
-                    fcntl.flock(handle.fd, op | fcntl.LOCK_NB)
-
+                self.locks.flock(handle, lock.type, wait)
             else:
-                raw = locks.to_flock(lock)
-
-                def attempt() -> None:
-                    fcntl.fcntl(self._owner_fd(inode, handle, owner), fcntl.F_OFD_SETLK, raw)
-
-            self._lock_loop(attempt, wait and lock.type != locks.F_UNLCK)
-            if lock.type == locks.F_UNLCK:
-                self._lock_dropped()
-
-    def _lock_loop(self, attempt: Callable[[], None], wait: bool) -> None:
-        deadline = time.monotonic() + self.lock_wait_timeout
-        pause = 0.001
-        with self._plock_cond:
-            while True:
-                try:
-                    attempt()
-                    return
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if not wait:
-                        raise _err(errno.EAGAIN) from exc
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise _err(errno.EDEADLK) from exc
-                self._plock_cond.wait(min(pause, left))
-                pause = min(pause * 2, 0.05)
+                self.locks.setlk(inode, handle, owner, lock, wait)
 
     def destroy(self) -> None:
-        """Forget every inode and handle (DESTROY); the root stays open."""
+        """Forget every inode and handle (DESTROY); the root stays open.
+
+        Lock waits end first (EIO) and every lock owner's fd is closed."""
+        self.locks.reset()
         self.handles.clear()
         self.inodes.clear()

@@ -21,63 +21,35 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from functools import partial
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ..fuse.abi import ROOT_ID
+
+if TYPE_CHECKING:
+    from .locks import InodeLocks
 
 __all__ = ["DirEntry", "DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
 
 InodeKey = tuple[int, int]  # (st_dev, st_ino)
-_log = logging.getLogger("pyvirtiofsd.passthrough")
-
-
-class FdMirror(Protocol):
-    """Where the tables publish their fds for the C fast path (:class:`~pyvirtiofsd.dma.FastPath`).
-
-    A published fd is closed by the mirror: the entry retires it instead of
-    closing it.  ``retire_*`` returns False when the key was not published
-    (the caller then still owns the fd).
-    """
-
-    def publish_inode(self, nodeid: int, fd: int) -> None: ...
-
-    def retire_inode(self, nodeid: int) -> bool: ...
-
-    def publish_handle(self, fh: int, fd: int, *, directory: bool) -> None: ...
-
-    def retire_handle(self, fh: int) -> bool: ...
 
 
 class _Pinned:
-    """An fd-holding entry: closed once it is dead and no longer borrowed.
+    """An fd-holding entry: closed once it is dead and no longer borrowed."""
 
-    ``_retire`` is set when the entry's fd was published to the C fast
-    path's mirror (:class:`~pyvirtiofsd.dma.FastPath`): the mirror closes a
-    published fd, so the entry retires it there instead of closing it.
-    """
-
-    __slots__ = ("_dead", "_pins", "_retire", "fd")
+    __slots__ = ("_dead", "_pins", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._pins = 0
         self._dead = False
-        self._retire: Callable[[], bool] | None = None
 
     def close_fds(self) -> None:
         """Close every fd the entry owns (once it is dead and unborrowed)."""
-        self._release_fd()
-
-    def _release_fd(self) -> None:
-        retire, self._retire = self._retire, None
-        if retire is None or not retire():
-            _close(self.fd)
+        _close(self.fd)
 
 
 def _close(fd: int) -> None:
@@ -95,18 +67,6 @@ class _PinnedTable(Generic[_P]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, _P] = {}
-        self._mirror: FdMirror | None = None
-
-    def attach_mirror(self, mirror: FdMirror) -> None:
-        """Publish every entry to ``mirror``, now and from now on."""
-        with self._lock:
-            self._mirror = mirror
-            for key, entry in self._entries.items():
-                if entry._retire is None:
-                    self._publish_locked(key, entry)
-
-    def _publish_locked(self, key: int, entry: _P) -> None:
-        raise NotImplementedError
 
     def __len__(self) -> int:
         with self._lock:
@@ -137,12 +97,10 @@ class _PinnedTable(Generic[_P]):
 class Inode(_Pinned):
     """One host inode known to the guest.
 
-    ``plocks`` maps a guest lock owner to the fd that carries its POSIX
-    record locks (as OFD locks): one open file description per owner, so
-    one owner's locks merge and split among themselves and conflict with
-    every other owner's, as POSIX locks of different processes do.  The
-    passthrough filesystem manages it under its own lock; the fds die with
-    the inode.
+    ``plocks``: the lock owners' fds on this inode (one open file
+    description per guest lock owner, see :mod:`.locks`), made and guarded
+    by the filesystem's :class:`~.locks.LockManager`; None until a lock
+    request needs one.  The inode only closes it when it dies.
     """
 
     __slots__ = ("key", "mode", "nlookup", "nodeid", "plocks")
@@ -153,13 +111,12 @@ class Inode(_Pinned):
         self.key = key
         self.mode = mode  # file type bits (st_mode & S_IFMT); fixed for an inode's life
         self.nlookup = 0
-        self.plocks: dict[int, int] = {}
+        self.plocks: InodeLocks | None = None
 
     def close_fds(self) -> None:
-        for fd in self.plocks.values():
-            _close(fd)
-        self.plocks.clear()
-        self._release_fd()
+        if self.plocks is not None:
+            self.plocks.close()
+        _close(self.fd)
 
 
 class InodeTable(_PinnedTable[Inode]):
@@ -179,17 +136,6 @@ class InodeTable(_PinnedTable[Inode]):
         """Pin ``nodeid`` for the duration of a ``with``; EBADF if unknown."""
         return self._borrow(nodeid, errno.EBADF)
 
-    def _publish_locked(self, key: int, entry: Inode) -> None:
-        mirror = self._mirror
-        if mirror is None:
-            return
-        try:
-            mirror.publish_inode(key, entry.fd)
-        except (OSError, MemoryError, ValueError) as exc:  # stays Python's: served there
-            _log.warning("inode %d not published to the fast path: %s", key, exc)
-            return
-        entry._retire = partial(mirror.retire_inode, key)
-
     def add_lookup(self, fd: int, st: os.stat_result) -> Inode:
         """Count one lookup of the inode ``fd`` refers to; the table owns ``fd`` after.
 
@@ -203,7 +149,6 @@ class InodeTable(_PinnedTable[Inode]):
                 inode = Inode(next(self._ids), fd, key, st.st_mode & 0o170000)
                 self._entries[inode.nodeid] = inode
                 self._by_key[key] = inode
-                self._publish_locked(inode.nodeid, inode)
                 fd = -1
             inode.nlookup += 1
         if fd >= 0:
@@ -241,12 +186,8 @@ class InodeTable(_PinnedTable[Inode]):
             self._entries = {ROOT_ID: self.root}
             self._by_key = {self.root.key: self.root}
             self.root.nlookup = 1
-            root_plocks = list(self.root.plocks.values())
-            self.root.plocks.clear()
         for inode in to_close:
             inode.close_fds()
-        for fd in root_plocks:
-            _close(fd)
 
     def close_root(self) -> None:
         """Close everything including the root; the table is unusable after."""
@@ -320,19 +261,7 @@ class HandleTable(_PinnedTable[Handle]):
         with self._lock:
             fh = next(self._ids)
             self._entries[fh] = handle
-            self._publish_locked(fh, handle)
         return fh
-
-    def _publish_locked(self, key: int, entry: Handle) -> None:
-        mirror = self._mirror
-        if mirror is None:
-            return
-        try:
-            mirror.publish_handle(key, entry.fd, directory=isinstance(entry, DirHandle))
-        except (OSError, MemoryError, ValueError) as exc:
-            _log.warning("handle %d not published to the fast path: %s", key, exc)
-            return
-        entry._retire = partial(mirror.retire_handle, key)
 
     @contextmanager
     def borrow(self, fh: int, kind: type[Handle_T]) -> Iterator[Handle_T]:

@@ -91,7 +91,7 @@ def local(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def fs(root: Path) -> Iterator[PassthroughFs]:
-    fs = PassthroughFs(root, lock_wait_timeout=0)
+    fs = PassthroughFs(root)
     yield fs
     fs.close()
 

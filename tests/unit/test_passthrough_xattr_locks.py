@@ -48,7 +48,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(root: Path) -> Iterator[FuseClient]:
-    fs = PassthroughFs(root, xattr=True, lock_wait_timeout=0)
+    fs = PassthroughFs(root, xattr=True, posix_locks=True, flock=True)
     c = FuseClient(FuseSession(fs))
     c.init()
     yield c
@@ -141,10 +141,9 @@ def test_posix_lock_conflict_between_owners(client: FuseClient, root: Path) -> N
     assert struct.unpack("<QQII", reply.payload)[2] == F_UNLCK, "no conflict with oneself"
     reply = client.call(GETLK, f.nodeid, lk_body(fh1, 111, 0, OFFSET_MAX, F_RDLCK))
     assert struct.unpack("<QQII", reply.payload)[:3] == (100, OFFSET_MAX, F_WRLCK)
-    # a waiting request cannot wait here (lock_wait_timeout 0): EDEADLK
+    # unlock, then the other owner gets it, blocking variant included (a
+    # SETLKW that has to wait: tests/unit/test_locks.py)
     wait = lk_body(fh2, 222, 0, 0, F_WRLCK)
-    assert client.call(SETLKW, f.nodeid, wait).error == -errno.EDEADLK
-    # unlock, then the other owner gets it, blocking variant included
     assert client.call(SETLK, f.nodeid, lk_body(fh1, 111, 0, OFFSET_MAX, F_UNLCK)).ok
     assert client.call(SETLKW, f.nodeid, wait).ok
     # a host process's classic POSIX lock conflicts with the guest's locks
@@ -193,36 +192,9 @@ def test_flock_between_handles(client: FuseClient) -> None:
     assert client.call(SETLK, f.nodeid, ex).ok
     sh2 = lk_body(fh2, 0, 0, OFFSET_MAX, F_RDLCK, flags=LK_FLOCK)
     assert client.call(SETLK, f.nodeid, sh2).error == -errno.EAGAIN
-    assert client.call(SETLKW, f.nodeid, sh2).error == -errno.EDEADLK
     # RELEASE with FLOCK_UNLOCK drops it
     assert client.call(RELEASE, f.nodeid, release_flags_body(fh1, RELEASE_FLOCK_UNLOCK)).ok
     assert client.call(SETLKW, f.nodeid, sh2).ok
     un = lk_body(fh2, 0, 0, OFFSET_MAX, F_UNLCK, flags=LK_FLOCK)
     assert client.call(SETLK, f.nodeid, un).ok
 
-
-def test_setlkw_waits_for_a_release_from_another_queue(root: Path) -> None:
-    """With a wait budget, SETLKW succeeds once another worker drops the lock."""
-    import threading
-
-    fs = PassthroughFs(root, lock_wait_timeout=30)
-    try:
-        client = FuseClient(FuseSession(fs))
-        client.init()
-        f = client.lookup(1, b"hello.txt")
-        fh = client.open(f.nodeid, os.O_RDWR)
-        assert client.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 0, F_WRLCK)).ok
-        results: list[int] = []
-        other = FuseClient(client.session)
-
-        def waiter() -> None:
-            results.append(other.call(SETLKW, f.nodeid, lk_body(fh, 2, 0, 0, F_WRLCK)).error)
-
-        t = threading.Thread(target=waiter)
-        t.start()
-        # the unlock comes on "another queue" (this thread) and wakes the waiter
-        assert client.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 0, F_UNLCK)).ok
-        t.join(30)
-        assert not t.is_alive() and results == [0]
-    finally:
-        fs.close()
