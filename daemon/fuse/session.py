@@ -63,6 +63,12 @@ MAX_BODY = (1 << 16) + 2 * 4096 + 256
 _EARLY_INTERRUPTS = 64
 
 
+class FastPathSwitch(Protocol):
+    """The session turns the C fast path (:class:`~pyvirtiofsd.dma.FastPath`) on and off."""
+
+    ready: bool
+
+
 class RequestChain(Protocol):
     """One virtio descriptor chain carrying one FUSE request (see the transport)."""
 
@@ -212,12 +218,16 @@ class FuseSession:
         max_write: int = 1 << 20,
         max_pages: int = 256,
         init_flags: InitFlag | None = None,
+        fast: FastPathSwitch | None = None,
     ) -> None:
         if max_write < 4096 or max_write > 0xFFFF_FFFF:
             raise ValueError(f"max_write {max_write} out of range")
         if not 1 <= max_pages <= 0xFFFF:
             raise ValueError(f"max_pages {max_pages} out of range")
         self.fs = fs
+        #: the C fast path serving this session's commonest requests, if any:
+        #: on only between INIT and DESTROY/reset.
+        self.fast = fast
         self.max_write = max_write
         self.max_pages = max_pages
         self.init_flags = wanted_init_flags(fs) if init_flags is None else init_flags
@@ -375,6 +385,8 @@ class FuseSession:
             self.proto_minor = minor
             self.flags = flags
             self.initialized = True
+            if self.fast is not None:
+                self.fast.ready = True
         logger.info("FUSE session initialised: protocol 7.%d", minor)
         logger.debug(
             "INIT flags offered %#x, chosen %#x (%s); max_write %d, max_pages %d, max_readahead %d",
@@ -394,6 +406,8 @@ class FuseSession:
         or goes away, since the guest's references die with it.
         """
         with self._state_lock:
+            if self.fast is not None:
+                self.fast.ready = False  # before the tables go
             self.fs.destroy()
             self.initialized = False
             self.proto_minor = 0

@@ -44,7 +44,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..fuse import abi
 from ..fuse.abi import (
@@ -62,7 +62,16 @@ from ..fuse.abi import (
     encode_direntplus,
 )
 from . import locks, oscalls
-from .inodes import DirEntry, DirHandle, FileHandle, Handle, HandleTable, Inode, InodeTable
+from .inodes import (
+    DirEntry,
+    DirHandle,
+    FdMirror,
+    FileHandle,
+    Handle,
+    HandleTable,
+    Inode,
+    InodeTable,
+)
 
 __all__ = ["PassthroughFs", "ReadInto", "RequestContext", "WriteFrom"]
 
@@ -92,6 +101,14 @@ _U32 = 0xFFFF_FFFF
 #: fuse_attr.flags: this directory is a mount point on the host (FUSE 7.32).
 FUSE_ATTR_SUBMOUNT = 1 << 0
 _NS = 1_000_000_000
+
+
+class FastPathMirror(FdMirror, Protocol):
+    """What :meth:`PassthroughFs.attach_fast_path` needs (a :class:`~pyvirtiofsd.dma.FastPath`)."""
+
+    def configure(
+        self, *, attr_valid: tuple[int, int], readonly: bool, switch_creds: bool
+    ) -> None: ...
 
 
 class RequestContext(NamedTuple):
@@ -229,6 +246,21 @@ class PassthroughFs:
             raise
         self.inodes = InodeTable(root_fd, os.fstat(root_fd))
         self.handles = HandleTable()
+
+    def attach_fast_path(self, fast: FastPathMirror) -> None:
+        """Let the C fast path serve GETATTR/READ/WRITE from this filesystem's tables.
+
+        ``fast`` (a :class:`~pyvirtiofsd.dma.FastPath`) gets the settings it
+        answers with and a mirror of both tables (see :class:`.inodes.FdMirror`);
+        call before the first request.
+        """
+        fast.configure(
+            attr_valid=self.attr_timeout,
+            readonly=self.readonly,
+            switch_creds=oscalls.switching_enabled(),
+        )
+        self.inodes.attach_mirror(fast)
+        self.handles.attach_mirror(fast)
 
     def close(self) -> None:
         """Release every fd, the root's included."""

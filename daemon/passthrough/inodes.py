@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Generic, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from ..fuse.abi import ROOT_ID
 
@@ -35,21 +37,50 @@ if TYPE_CHECKING:
 __all__ = ["DirEntry", "DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
 
 InodeKey = tuple[int, int]  # (st_dev, st_ino)
+_log = logging.getLogger("pyvirtiofsd.passthrough")
+
+
+class FdMirror(Protocol):
+    """Where the tables publish their fds for the C fast path (:class:`~pyvirtiofsd.dma.FastPath`).
+
+    A published fd is closed by the mirror: the entry retires it instead of
+    closing it.  ``retire_*`` returns False when the key was not published
+    (the caller then still owns the fd).
+    """
+
+    def publish_inode(self, nodeid: int, fd: int) -> None: ...
+
+    def retire_inode(self, nodeid: int) -> bool: ...
+
+    def publish_handle(self, fh: int, fd: int, *, directory: bool) -> None: ...
+
+    def retire_handle(self, fh: int) -> bool: ...
 
 
 class _Pinned:
-    """An fd-holding entry: closed once it is dead and no longer borrowed."""
+    """An fd-holding entry: closed once it is dead and no longer borrowed.
 
-    __slots__ = ("_dead", "_pins", "fd")
+    ``_retire`` is set when the entry's fd was published to the C fast
+    path's mirror (:class:`~pyvirtiofsd.dma.FastPath`): the mirror closes a
+    published fd, so the entry retires it there instead of closing it.
+    """
+
+    __slots__ = ("_dead", "_pins", "_retire", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._pins = 0
         self._dead = False
+        self._retire: Callable[[], bool] | None = None
 
     def close_fds(self) -> None:
         """Close every fd the entry owns (once it is dead and unborrowed)."""
-        _close(self.fd)
+        self._release_fd()
+
+    def _release_fd(self) -> None:
+        retire, self._retire = self._retire, None
+        if retire is None or not retire():
+            _close(self.fd)
 
 
 def _close(fd: int) -> None:
@@ -67,6 +98,18 @@ class _PinnedTable(Generic[_P]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, _P] = {}
+        self._mirror: FdMirror | None = None
+
+    def attach_mirror(self, mirror: FdMirror) -> None:
+        """Publish every entry to ``mirror``, now and from now on."""
+        with self._lock:
+            self._mirror = mirror
+            for key, entry in self._entries.items():
+                if entry._retire is None:
+                    self._publish_locked(key, entry)
+
+    def _publish_locked(self, key: int, entry: _P) -> None:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         with self._lock:
@@ -116,7 +159,7 @@ class Inode(_Pinned):
     def close_fds(self) -> None:
         if self.plocks is not None:
             self.plocks.close()
-        _close(self.fd)
+        self._release_fd()
 
 
 class InodeTable(_PinnedTable[Inode]):
@@ -136,6 +179,17 @@ class InodeTable(_PinnedTable[Inode]):
         """Pin ``nodeid`` for the duration of a ``with``; EBADF if unknown."""
         return self._borrow(nodeid, errno.EBADF)
 
+    def _publish_locked(self, key: int, entry: Inode) -> None:
+        mirror = self._mirror
+        if mirror is None:
+            return
+        try:
+            mirror.publish_inode(key, entry.fd)
+        except (OSError, MemoryError, ValueError) as exc:  # stays Python's: served there
+            _log.warning("inode %d not published to the fast path: %s", key, exc)
+            return
+        entry._retire = partial(mirror.retire_inode, key)
+
     def add_lookup(self, fd: int, st: os.stat_result) -> Inode:
         """Count one lookup of the inode ``fd`` refers to; the table owns ``fd`` after.
 
@@ -149,6 +203,7 @@ class InodeTable(_PinnedTable[Inode]):
                 inode = Inode(next(self._ids), fd, key, st.st_mode & 0o170000)
                 self._entries[inode.nodeid] = inode
                 self._by_key[key] = inode
+                self._publish_locked(inode.nodeid, inode)
                 fd = -1
             inode.nlookup += 1
         if fd >= 0:
@@ -261,7 +316,19 @@ class HandleTable(_PinnedTable[Handle]):
         with self._lock:
             fh = next(self._ids)
             self._entries[fh] = handle
+            self._publish_locked(fh, handle)
         return fh
+
+    def _publish_locked(self, key: int, entry: Handle) -> None:
+        mirror = self._mirror
+        if mirror is None:
+            return
+        try:
+            mirror.publish_handle(key, entry.fd, directory=isinstance(entry, DirHandle))
+        except (OSError, MemoryError, ValueError) as exc:
+            _log.warning("handle %d not published to the fast path: %s", key, exc)
+            return
+        entry._retire = partial(mirror.retire_handle, key)
 
     @contextmanager
     def borrow(self, fh: int, kind: type[Handle_T]) -> Iterator[Handle_T]:
