@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--posix-lock",
         dest="posix_lock",
         action="store_true",
-        help="host-visible POSIX locks (default: the guest kernel locks locally; "
-        "with this, blocking waits are answered EDEADLK after a short wait)",
+        help="host-visible POSIX locks, as OFD locks (default: the guest kernel "
+        "locks locally); a blocking wait waits in the daemon until granted",
     )
     ap.add_argument("--flock", action="store_true", help="host-visible flock() locks")
     ap.add_argument(
