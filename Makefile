@@ -16,7 +16,7 @@ RUN_ARGS   ?=
 
 PYTEST     := $(PY) -m pytest
 
-.PHONY: all deps system-deps venv guest run test unit-test vm-test lint bench clean distclean
+.PHONY: all deps system-deps venv guest run test unit-test vm-test sanitize lint bench clean distclean
 
 all: deps guest
 
@@ -46,6 +46,7 @@ run: deps
 
 # Every test, VM tests included. A run that collects nothing fails (pytest exit 5).
 test: deps guest
+	scripts/sanitize.sh
 	$(PYTEST) tests
 
 unit-test: deps
@@ -57,6 +58,10 @@ vm-test: deps guest
 # Guest-side throughput of pyvirtiofsd vs the C virtiofsd and QEMU's 9p, same VM, same run.
 bench: deps guest
 	@$(PY) -m pyvirtiofsd.vm.bench $(BENCH_ARGS)
+
+# The C core's tests under ASan + UBSan (a report fails the run); part of `make test`.
+sanitize: deps
+	scripts/sanitize.sh
 
 lint: deps
 	$(VENV)/bin/ruff check .

@@ -282,7 +282,7 @@ size_t pvd_walloc_list(struct pvd_walloc *w, struct pvd_window *out, size_t max)
 {
 	pthread_mutex_lock(&w->lock);
 	size_t n = w->n;
-	if (out)
+	if (out && n && max) /* w->w is NULL while empty: memcpy must not see it */
 		memcpy(out, w->w, (n < max ? n : max) * sizeof(*out));
 	pthread_mutex_unlock(&w->lock);
 	return n;
