@@ -8,10 +8,12 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 export PYVIRTIOFSD_BUILD_DIR ?= $(CURDIR)/build
 
-# `make run` options: SHARE=dir[:tag] (repeatable with spaces), BACKEND=, CMD=
+# `make run` options: SHARE=dir[:tag] (repeatable with spaces), BACKEND=, CMD=,
+# KERNEL=6.12|6.1 (the guest kernel version; default: vm/kernel.py's)
 SHARE      ?= $(CURDIR):src
 BACKEND    ?=
 CMD        ?=
+KERNEL     ?=
 RUN_ARGS   ?=
 
 PYTEST     := $(PY) -m pytest
@@ -34,7 +36,7 @@ $(STAMP): pyproject.toml setup.py dma/build_core.py $(wildcard dma/src/*.c dma/s
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# Build (or find cached) guest kernel and initramfs.
+# Build (or find cached) both guest kernels (6.12 and 6.1) and the initramfs.
 guest: deps
 	@$(PY) -m pyvirtiofsd.vm.cli build
 
@@ -42,7 +44,8 @@ guest: deps
 # stdin is a terminal; otherwise runs CMD (or a smoke command) and exits.
 run: deps
 	@$(PY) -m pyvirtiofsd.vm.cli run $(foreach s,$(SHARE),--share $(s)) \
-		$(if $(BACKEND),--backend $(BACKEND)) $(if $(CMD),--cmd "$(CMD)") $(RUN_ARGS)
+		$(if $(BACKEND),--backend $(BACKEND)) $(if $(KERNEL),--kernel-version $(KERNEL)) \
+		$(if $(CMD),--cmd "$(CMD)") $(RUN_ARGS)
 
 # Every test, VM tests included. A run that collects nothing fails (pytest exit 5).
 test: deps guest

@@ -9,6 +9,7 @@ qemu-system-x86
 qemu-utils
 busybox-static
 linux-source-6.1
+linux-source-6.12
 build-essential
 flex
 bison

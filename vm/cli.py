@@ -1,6 +1,6 @@
 """``pyvirtiofsd-vm``: build and boot the test guest.
 
-    pyvirtiofsd-vm build                      # kernel + initramfs (cached)
+    pyvirtiofsd-vm build                      # both kernels + initramfs (cached)
     pyvirtiofsd-vm run --share DIR[:TAG] ...  # boot, mount each share at /mnt/TAG
 
 ``run`` drops into a guest shell when stdin is a terminal (leave it with
@@ -21,7 +21,7 @@ from types import FrameType
 from .accel import ACCELS
 from .agent import AgentError
 from .initramfs import InitramfsError, build_initramfs
-from .kernel import KernelBuildError, build_kernel
+from .kernel import DEFAULT_KERNEL_VERSION, KERNEL_VERSIONS, KernelBuildError, build_kernel
 from .machine import Machine, MachineConfig, MachineError
 from .shares import BACKENDS, DEFAULT_BACKEND, Share
 from .swiotlb import DMA_MODES
@@ -37,13 +37,15 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    img = build_kernel(args.jobs)
-    if img.build_seconds is None:
-        print(f"kernel:    {img.bzimage} (cached, key {img.key})")
-    else:
-        print(f"kernel:    {img.bzimage} (built in {img.build_seconds:.0f} s)")
+    versions = KERNEL_VERSIONS if args.kernel_version == "all" else (args.kernel_version,)
+    for v in versions:
+        img = build_kernel(args.jobs, version=v)
+        if img.build_seconds is None:
+            print(f"kernel {v:<5}: {img.bzimage} (cached, key {img.key})")
+        else:
+            print(f"kernel {v:<5}: {img.bzimage} (built in {img.build_seconds:.0f} s)")
     initrd = build_initramfs()
-    print(f"initramfs: {initrd}")
+    print(f"initramfs   : {initrd}")
     print(f"done in {time.monotonic() - t0:.1f} s")
     return 0
 
@@ -70,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         accel=args.accel,
         kernel_args=args.kernel_arg,
         kernel=args.kernel,
+        kernel_version=args.kernel_version,
         dma_mode=args.dma_mode,
         interactive=interactive,
     )
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build (or find cached) guest kernel and initramfs")
     b.add_argument("-j", "--jobs", type=int, default=None, help="kernel build jobs")
+    b.add_argument(
+        "--kernel-version",
+        choices=(*KERNEL_VERSIONS, "all"),
+        default="all",
+        help="guest kernel version to build (default: all of them)",
+    )
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("run", help="boot the guest with shares mounted")
@@ -128,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="offer the devices with iommu_platform=on (VIRTIO_F_ACCESS_PLATFORM)",
     )
-    r.add_argument("--queues", type=int, default=1, help="virtio-fs request queues per share")
+    r.add_argument(
+        "--queues",
+        type=int,
+        default=None,
+        help="virtio-fs request queues per share (default: one per vCPU)",
+    )
     r.add_argument("--cmd", default=None, help="run this in the guest and exit with its status")
     r.add_argument("--timeout", type=float, default=600, help="--cmd timeout in seconds")
     r.add_argument("--no-shell", action="store_true", help="never start an interactive shell")
@@ -147,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="boot this bzImage instead of the built guest kernel",
+    )
+    r.add_argument(
+        "--kernel-version",
+        choices=KERNEL_VERSIONS,
+        default=None,
+        help="guest kernel version to boot (default: $PYVIRTIOFSD_KERNEL_VERSION, "
+        f"else {DEFAULT_KERNEL_VERSION})",
     )
     r.add_argument(
         "--kernel-arg",

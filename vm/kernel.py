@@ -1,13 +1,18 @@
-"""Build the guest kernel from Debian's linux-source-6.1, cached by content.
+"""Build the guest kernels from Debian's kernel source packages, cached by content.
 
-The recipe: unpack ``/usr/src/linux-source-6.1.tar.xz``, apply
-``kernel-config/patches/series`` in order, ``make tinyconfig``, merge
-``kernel-config/guest.config``, ``olddefconfig``, check that every option of
-the fragment survived, and build ``bzImage``.
+Two versions are built side by side: Linux 6.1 (``linux-source-6.1``) and
+Linux 6.12 (``linux-source-6.12``). Each has its own directory
+``kernel-config/<version>/`` holding a config fragment (``guest.config``) and
+a patch series (``patches/series``).
+
+The recipe: unpack ``/usr/src/linux-source-<version>.tar.xz``, apply the
+series in order, ``make tinyconfig``, merge the fragment, ``olddefconfig``,
+check that every option of the fragment survived, and build ``bzImage``.
 
 The result is cached under ``<build>/kernel/<key>/`` where ``key`` hashes the
-source package version, the fragment, the patch series and this recipe's
-version, so a second run costs nothing and any change rebuilds.
+source package version, the fragment's and patches' *contents* (not their
+paths) and this recipe's version, so a second run costs nothing and any change
+rebuilds. One lock serialises every build: two kernels never compile at once.
 """
 
 from __future__ import annotations
@@ -26,16 +31,50 @@ from pathlib import Path
 
 from .paths import KERNEL_CONFIG_DIR, build_dir
 
-SOURCE_PACKAGE = "linux-source-6.1"
-SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-FRAGMENT = KERNEL_CONFIG_DIR / "guest.config"
-PATCH_DIR = KERNEL_CONFIG_DIR / "patches"
+#: Guest kernel versions this harness builds, newest first.
+KERNEL_VERSIONS = ("6.12", "6.1")
+#: The version a guest boots unless told otherwise.
+DEFAULT_KERNEL_VERSION = "6.1"
 #: Bump when the recipe below changes in a way that changes the output.
 RECIPE_VERSION = "1"
 
 
 class KernelBuildError(RuntimeError):
     """The guest kernel could not be configured or built."""
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One guest kernel version: its Debian source package and its config dir."""
+
+    version: str
+    config_dir: Path
+
+    @property
+    def package(self) -> str:
+        return f"linux-source-{self.version}"
+
+    @property
+    def tarball(self) -> Path:
+        return Path(f"/usr/src/linux-source-{self.version}.tar.xz")
+
+    @property
+    def fragment(self) -> Path:
+        return self.config_dir / "guest.config"
+
+    @property
+    def patch_dir(self) -> Path:
+        return self.config_dir / "patches"
+
+
+def kernel_source(version: str | None = None) -> KernelSource:
+    """The source of guest kernel ``version`` (default: DEFAULT_KERNEL_VERSION)."""
+    v = DEFAULT_KERNEL_VERSION if version is None else version
+    if v not in KERNEL_VERSIONS:
+        raise KernelBuildError(
+            f"unknown guest kernel version {v!r} (known: {', '.join(KERNEL_VERSIONS)})"
+        )
+    return KernelSource(v, KERNEL_CONFIG_DIR / v)
 
 
 @dataclass(frozen=True)
@@ -46,31 +85,30 @@ class KernelImage:
     config: Path
     key: str
     build_seconds: float | None  # None when it came from the cache
+    version: str = DEFAULT_KERNEL_VERSION
 
 
-def source_version() -> str:
+def source_version(src: KernelSource) -> str:
     """Debian version of the kernel source package, e.g. ``6.1.158-1``."""
-    if not SOURCE_TARBALL.exists():
-        raise KernelBuildError(
-            f"{SOURCE_TARBALL} is missing: install {SOURCE_PACKAGE} (run `make deps`)"
-        )
+    if not src.tarball.exists():
+        raise KernelBuildError(f"{src.tarball} is missing: install {src.package} (run `make deps`)")
     try:
         out = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],
+            ["dpkg-query", "-W", "-f=${Version}", src.package],
             check=True,
             capture_output=True,
             text=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         # Not installed through dpkg: fall back to the tarball's identity.
-        st = SOURCE_TARBALL.stat()
+        st = src.tarball.stat()
         out = f"file-{st.st_size}-{int(st.st_mtime)}"
     return out
 
 
-def patch_series() -> list[Path]:
+def patch_series(src: KernelSource) -> list[Path]:
     """Patches listed in ``patches/series``, in order (blank lines and # skipped)."""
-    series = PATCH_DIR / "series"
+    series = src.patch_dir / "series"
     if not series.exists():
         return []
     patches = []
@@ -78,28 +116,32 @@ def patch_series() -> list[Path]:
         name = line.split("#", 1)[0].strip()
         if not name:
             continue
-        p = PATCH_DIR / name
+        p = src.patch_dir / name
         if not p.is_file():
             raise KernelBuildError(f"patch {name} listed in {series} does not exist")
         patches.append(p)
     return patches
 
 
-def cache_key() -> str:
-    """Content hash of everything that determines the kernel image."""
+def cache_key(src: KernelSource) -> str:
+    """Content hash of everything that determines the kernel image.
+
+    It covers file contents and patch names, never the config directory's
+    path, and the source package version tells the versions apart.
+    """
     h = hashlib.sha256()
     h.update(f"recipe={RECIPE_VERSION}\n".encode())
-    h.update(f"source={source_version()}\n".encode())
-    h.update(b"fragment\n" + FRAGMENT.read_bytes())
-    for p in patch_series():
+    h.update(f"source={source_version(src)}\n".encode())
+    h.update(b"fragment\n" + src.fragment.read_bytes())
+    for p in patch_series(src):
         h.update(f"patch {p.name}\n".encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def fragment_options() -> dict[str, str]:
+def fragment_options(src: KernelSource) -> dict[str, str]:
     """``CONFIG_X -> value`` pairs of the fragment (``n`` for 'is not set')."""
     opts: dict[str, str] = {}
-    for line in FRAGMENT.read_text().splitlines():
+    for line in src.fragment.read_text().splitlines():
         line = line.strip()
         m = re.fullmatch(r"(CONFIG_\w+)=(.*)", line)
         if m:
@@ -111,7 +153,7 @@ def fragment_options() -> dict[str, str]:
     return opts
 
 
-def check_config(config: Path) -> None:
+def check_config(src: KernelSource, config: Path) -> None:
     """Fail with the names of fragment options that kconfig did not keep."""
     have: dict[str, str] = {}
     for line in config.read_text().splitlines():
@@ -119,7 +161,7 @@ def check_config(config: Path) -> None:
         if m:
             have[m.group(1)] = m.group(2)
     missing = []
-    for name, want in fragment_options().items():
+    for name, want in fragment_options(src).items():
         got = have.get(name, "n")
         if got != want:
             missing.append(f"{name}: wanted {want}, got {got}")
@@ -168,9 +210,12 @@ def _make_with_progress(src: Path, jobs: int, log: Path) -> None:
     _log(f"compiled {objects} files in {time.monotonic() - started:.0f} s")
 
 
-def build_kernel(jobs: int | None = None, force: bool = False) -> KernelImage:
-    """Return the cached guest kernel, building it first if needed."""
-    key = cache_key()
+def build_kernel(
+    jobs: int | None = None, force: bool = False, version: str | None = None
+) -> KernelImage:
+    """Return the cached guest kernel ``version``, building it first if needed."""
+    src = kernel_source(version)
+    key = cache_key(src)
     root = build_dir() / "kernel"
     root.mkdir(parents=True, exist_ok=True)
     out = root / key
@@ -179,40 +224,33 @@ def build_kernel(jobs: int | None = None, force: bool = False) -> KernelImage:
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if bz.exists() and not force:
-            return KernelImage(bz, out / "config", key, None)
+            return KernelImage(bz, out / "config", key, None, src.version)
         started = time.monotonic()
         work = root / f"{key}.work"
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()
         log = work / "build.log"
-        _log(f"building guest kernel {key} from {SOURCE_PACKAGE} {source_version()}")
-        _log(f"unpacking {SOURCE_TARBALL}")
-        with tarfile.open(SOURCE_TARBALL) as tf:
+        _log(f"building guest kernel {src.version} ({key}): {src.package} {source_version(src)}")
+        _log(f"unpacking {src.tarball}")
+        with tarfile.open(src.tarball) as tf:
             tf.extractall(work, filter="fully_trusted")
-        (src,) = [p for p in work.iterdir() if p.is_dir()]
-        for p in patch_series():
+        (tree,) = [p for p in work.iterdir() if p.is_dir()]
+        for p in patch_series(src):
             _log(f"applying {p.name}")
-            _run(["patch", "-p1", "--batch", "--forward", "-i", str(p)], src, log)
-        _log("configuring (tinyconfig + guest.config)")
-        _run(["make", "tinyconfig"], src, log)
-        _run(
-            ["scripts/kconfig/merge_config.sh", "-m", ".config", str(FRAGMENT)],
-            src,
-            log,
-        )
-        _run(["make", "olddefconfig"], src, log)
-        check_config(src / ".config")
+            _run(["patch", "-p1", "--batch", "--forward", "-i", str(p)], tree, log)
+        _log(f"configuring (tinyconfig + {src.version}/guest.config)")
+        configure(src, tree, log)
         n = jobs or os.cpu_count() or 1
         _log(f"compiling bzImage with {n} jobs (log: {log})")
-        _make_with_progress(src, n, log)
+        _make_with_progress(tree, n, log)
         staging = root / f"{key}.staging"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        shutil.copy2(src / "arch/x86/boot/bzImage", staging / "bzImage")
-        shutil.copy2(src / ".config", staging / "config")
-        shutil.copy2(src / "System.map", staging / "System.map")
+        shutil.copy2(tree / "arch/x86/boot/bzImage", staging / "bzImage")
+        shutil.copy2(tree / ".config", staging / "config")
+        shutil.copy2(tree / "System.map", staging / "System.map")
         shutil.copy2(log, staging / "build.log")
         elapsed = time.monotonic() - started
         (staging / "build-seconds").write_text(f"{elapsed:.1f}\n")
@@ -220,19 +258,42 @@ def build_kernel(jobs: int | None = None, force: bool = False) -> KernelImage:
             shutil.rmtree(out)
         staging.rename(out)
         shutil.rmtree(work)
-        _log(f"guest kernel ready: {bz} ({bz.stat().st_size // 1024} KiB, {elapsed:.0f} s)")
-        return KernelImage(bz, out / "config", key, elapsed)
+        _log(
+            f"guest kernel {src.version} ready: {bz} "
+            f"({bz.stat().st_size // 1024} KiB, built in {elapsed:.0f} s)"
+        )
+        return KernelImage(bz, out / "config", key, elapsed, src.version)
+
+
+def configure(src: KernelSource, tree: Path, log: Path) -> None:
+    """tinyconfig + the fragment + olddefconfig in a patched ``tree``; check it."""
+    _run(["make", "tinyconfig"], tree, log)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(src.fragment)], tree, log)
+    _run(["make", "olddefconfig"], tree, log)
+    check_config(src, tree / ".config")
+
+
+def build_all(jobs: int | None = None) -> list[KernelImage]:
+    """Every guest kernel version, one after the other."""
+    return [build_kernel(jobs, version=v) for v in KERNEL_VERSIONS]
 
 
 def main() -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Build (or find cached) the guest kernel.")
+    ap = argparse.ArgumentParser(description="Build (or find cached) a guest kernel.")
     ap.add_argument("-j", "--jobs", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument(
+        "--version",
+        dest="kernel_version",
+        choices=KERNEL_VERSIONS,
+        default=DEFAULT_KERNEL_VERSION,
+        help=f"kernel version (default {DEFAULT_KERNEL_VERSION})",
+    )
     args = ap.parse_args()
     try:
-        img = build_kernel(args.jobs, args.force)
+        img = build_kernel(args.jobs, args.force, args.kernel_version)
     except KernelBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

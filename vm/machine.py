@@ -28,7 +28,7 @@ from .accel import choose_accel
 from .agent import AgentError, CommandResult, GuestAgent
 from .debian import build_debian_root
 from .initramfs import ExtraFile, build_initramfs
-from .kernel import build_kernel
+from .kernel import DEFAULT_KERNEL_VERSION, KERNEL_VERSIONS, build_kernel
 from .paths import build_dir
 from .process import ChildProcess
 from .qemu import QEMU_BINARY, MachineSpec, NinePShare, VhostUserFsDevice, qemu_command
@@ -39,6 +39,16 @@ log = logging.getLogger("pyvirtiofsd.vm")
 
 class MachineError(RuntimeError):
     """The guest could not be started or controlled."""
+
+
+def resolve_kernel_version(version: str | None) -> str:
+    """``version``, else ``$PYVIRTIOFSD_KERNEL_VERSION``, else the default; checked."""
+    v = version or os.environ.get("PYVIRTIOFSD_KERNEL_VERSION") or DEFAULT_KERNEL_VERSION
+    if v not in KERNEL_VERSIONS:
+        raise MachineError(
+            f"unknown guest kernel version {v!r} (known: {', '.join(KERNEL_VERSIONS)})"
+        )
+    return v
 
 
 @dataclass
@@ -54,6 +64,9 @@ class MachineConfig:
     mount_shares: bool = True
     qemu: str = QEMU_BINARY
     kernel: Path | None = None  # a bzImage to boot instead of the built, cached one
+    # Guest kernel version to build and boot ("6.12" | "6.1"); None: the
+    # PYVIRTIOFSD_KERNEL_VERSION environment variable, else the default.
+    kernel_version: str | None = None
     debian: bool = False  # Debian 12 userland at /debian (see vm/debian.py)
     dma_mode: str = "off"  # "off" | "shared" | "per-device" (see vm/swiotlb.py)
     extra_qemu_args: Sequence[str] = field(default_factory=tuple)
@@ -107,6 +120,11 @@ class Machine:
             raise MachineError("the guest is not running")
         return self._qmp
 
+    @property
+    def kernel_version(self) -> str:
+        """The guest kernel version this machine boots (see MachineConfig)."""
+        return resolve_kernel_version(self.config.kernel_version)
+
     def pids(self) -> list[int]:
         """PIDs of every process this machine started (QEMU and daemons)."""
         pids = [d.process.pid for d in self.daemons]
@@ -132,7 +150,7 @@ class Machine:
         elif override:  # kernel development: boot a tree's bzImage everywhere
             bzimage = Path(override)
         else:
-            bzimage = build_kernel().bzimage
+            bzimage = build_kernel(version=self.kernel_version).bzimage
         initrd = build_initramfs(cfg.extra_files)
         self.accel = choose_accel(cfg.accel, bzimage)
         if shutil.which(cfg.qemu) is None:
@@ -150,7 +168,7 @@ class Machine:
             else:
                 daemon = FsDaemon(share, dev_id, self._sock_dir, self.log_dir)
                 self.daemons.append(daemon)
-                fs_devices.append(vhost_user_device(share, dev_id, daemon.socket_path))
+                fs_devices.append(vhost_user_device(share, dev_id, daemon.socket_path, cfg.cpus))
 
         qmp_path = self._sock_dir / "qmp.sock"
         agent_path = self._sock_dir / "agent.sock"
@@ -250,7 +268,7 @@ class Machine:
             raise MachineError("hot-plugging 9p shares is not supported (fsdev is cold-plug only)")
         daemon = FsDaemon(share, device_id, self._sock_dir, self.log_dir)
         self.daemons.append(daemon)
-        dev = vhost_user_device(share, device_id, daemon.socket_path)
+        dev = vhost_user_device(share, device_id, daemon.socket_path, self.config.cpus)
         self.qmp_command("chardev-add", **dev.qmp_chardev_add())
         try:
             self.qmp_command("device_add", **dev.qmp_device_add())

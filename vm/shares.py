@@ -37,7 +37,7 @@ class Share:
     tag: str
     backend: str = DEFAULT_BACKEND
     iommu_platform: bool = False
-    num_request_queues: int = 1
+    num_request_queues: int | None = None  # None: one per guest vCPU
     queue_size: int = 1024
     addr: int | None = None
     readonly: bool = False
@@ -136,13 +136,21 @@ def ninep_device(share: Share, device_id: str) -> NinePShare:
     )
 
 
-def vhost_user_device(share: Share, device_id: str, socket_path: Path) -> VhostUserFsDevice:
+def vhost_user_device(
+    share: Share, device_id: str, socket_path: Path, cpus: int = 1
+) -> VhostUserFsDevice:
+    """The device for ``share``; ``num-request-queues`` defaults to ``cpus``.
+
+    Linux 6.10+ uses at most one request queue per CPU (older guests use only
+    the first), so one per vCPU is the most a guest can keep busy.
+    """
+    queues = share.num_request_queues if share.num_request_queues is not None else cpus
     return VhostUserFsDevice(
         id=device_id,
         socket=socket_path,
         tag=share.tag,
         addr=share.addr,
         iommu_platform=share.iommu_platform,
-        num_request_queues=share.num_request_queues,
+        num_request_queues=max(1, queues),
         queue_size=share.queue_size,
     )

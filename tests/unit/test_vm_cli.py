@@ -10,6 +10,7 @@ import pytest
 
 from pyvirtiofsd.vm import cli
 from pyvirtiofsd.vm.agent import CommandResult
+from pyvirtiofsd.vm.kernel import KERNEL_VERSIONS, KernelImage
 from pyvirtiofsd.vm.machine import MachineConfig
 
 
@@ -65,3 +66,33 @@ def test_run_passes_options_and_returns_the_guest_status(
 def test_run_refuses_a_missing_share(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "--share", str(tmp_path / "nope"), "--cmd", "true"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_run_passes_the_kernel_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "Machine", FakeMachine)
+    FakeMachine.seen.clear()
+    cli.main(["run", "--share", str(tmp_path), "--kernel-version", "6.12", "--cmd", "true"])
+    cli.main(["run", "--share", str(tmp_path), "--cmd", "true"])
+    assert [vm.config.kernel_version for vm in FakeMachine.seen] == ["6.12", None]
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--kernel-version", "5.10", "--cmd", "true"])
+
+
+def test_build_builds_every_kernel_version_unless_told_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built: list[str | None] = []
+
+    def fake_build(jobs: int | None = None, force: bool = False,
+                   version: str | None = None) -> KernelImage:  # fmt: skip
+        built.append(version)
+        return KernelImage(Path(f"/k/{version}/bzImage"), Path("/k/config"), "key", 12.0)
+
+    monkeypatch.setattr(cli, "build_kernel", fake_build)
+    monkeypatch.setattr(cli, "build_initramfs", lambda: Path("/i/initramfs"))
+    assert cli.main(["build"]) == 0
+    assert built == list(KERNEL_VERSIONS)
+    assert "built in 12 s" in capsys.readouterr().out
+    built.clear()
+    assert cli.main(["build", "--kernel-version", "6.1"]) == 0
+    assert built == ["6.1"]

@@ -10,7 +10,7 @@ import pytest
 
 from pyvirtiofsd.vm import kernel
 from pyvirtiofsd.vm.initramfs import CpioWriter, InitramfsError
-from pyvirtiofsd.vm.shares import Share, daemon_argv
+from pyvirtiofsd.vm.shares import Share, daemon_argv, vhost_user_device
 
 
 def test_cpio_archive_is_read_back_by_cpio(tmp_path: Path) -> None:
@@ -40,40 +40,73 @@ def test_cpio_refuses_duplicate_paths() -> None:
         w.file("a", b"")
 
 
-def test_fragment_options_and_config_check(tmp_path: Path) -> None:
-    opts = kernel.fragment_options()
+@pytest.mark.parametrize("version", kernel.KERNEL_VERSIONS)
+def test_fragment_options_and_config_check(tmp_path: Path, version: str) -> None:
+    src = kernel.kernel_source(version)
+    opts = kernel.fragment_options(src)
     assert opts["CONFIG_VIRTIO_FS"] == "y" and opts["CONFIG_64BIT"] == "y"
+    assert opts["CONFIG_VIRTIO_PCI_SWIOTLB"] == "y"
     cfg = tmp_path / "config"
     cfg.write_text("".join(f"{k}={v}\n" for k, v in opts.items() if v != "n"))
-    kernel.check_config(cfg)  # everything present: no error
+    kernel.check_config(src, cfg)  # everything present: no error
     lines = [ln for ln in cfg.read_text().splitlines() if not ln.startswith("CONFIG_VIRTIO_FS=")]
     cfg.write_text("\n".join(lines) + "\n")
     with pytest.raises(kernel.KernelBuildError, match="CONFIG_VIRTIO_FS: wanted y, got n"):
-        kernel.check_config(cfg)
+        kernel.check_config(src, cfg)
+
+
+def test_each_version_has_its_own_config_dir_and_patch_series() -> None:
+    dirs = {v: kernel.kernel_source(v).config_dir for v in kernel.KERNEL_VERSIONS}
+    assert len(set(dirs.values())) == len(dirs)
+    for v, d in dirs.items():
+        src = kernel.kernel_source(v)
+        assert d.name == v and src.package == f"linux-source-{v}"
+        assert src.fragment.is_file()
+        names = [p.name for p in kernel.patch_series(src)]
+        assert len(names) == 4 and names[0].startswith("0001-swiotlb-"), (v, names)
+        assert all(p.parent == src.patch_dir for p in kernel.patch_series(src))
+    assert kernel.DEFAULT_KERNEL_VERSION in kernel.KERNEL_VERSIONS
+    with pytest.raises(kernel.KernelBuildError, match="unknown guest kernel version"):
+        kernel.kernel_source("5.10")
+
+
+def _fake_source(tmp_path: Path, name: str) -> kernel.KernelSource:
+    d = tmp_path / name
+    (d / "patches").mkdir(parents=True)
+    (d / "guest.config").write_text("CONFIG_X=y\n")
+    return kernel.KernelSource("6.1", d)
 
 
 def test_cache_key_depends_on_fragment_and_patches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    frag = tmp_path / "guest.config"
-    frag.write_text("CONFIG_X=y\n")
-    patches = tmp_path / "patches"
-    patches.mkdir()
-    monkeypatch.setattr(kernel, "FRAGMENT", frag)
-    monkeypatch.setattr(kernel, "PATCH_DIR", patches)
-    monkeypatch.setattr(kernel, "source_version", lambda: "6.1.0-test")
-    k1 = kernel.cache_key()
-    assert kernel.cache_key() == k1
+    monkeypatch.setattr(kernel, "source_version", lambda src: "6.1.0-test")
+    src = _fake_source(tmp_path, "a")
+    frag, patches = src.fragment, src.patch_dir
+    k1 = kernel.cache_key(src)
+    assert kernel.cache_key(src) == k1
     frag.write_text("CONFIG_X=y\nCONFIG_Y=y\n")
-    k2 = kernel.cache_key()
+    k2 = kernel.cache_key(src)
     assert k2 != k1
     (patches / "0001-a.patch").write_text("diff\n")
     (patches / "series").write_text("# comment\n0001-a.patch\n")
-    k3 = kernel.cache_key()
+    k3 = kernel.cache_key(src)
     assert k3 != k2
     (patches / "series").write_text("0002-missing.patch\n")
     with pytest.raises(kernel.KernelBuildError, match="does not exist"):
-        kernel.cache_key()
+        kernel.cache_key(src)
+
+
+def test_cache_key_hashes_contents_not_paths_and_tells_versions_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    versions = {"6.1": "6.1.158-1", "6.12": "6.12.117-1~deb12u1"}
+    monkeypatch.setattr(kernel, "source_version", lambda src: versions[src.version])
+    a, b = _fake_source(tmp_path, "a"), _fake_source(tmp_path, "moved/elsewhere")
+    # Moving the same files elsewhere keeps a built kernel's key (and cache entry).
+    assert kernel.cache_key(a) == kernel.cache_key(b)
+    # The same files for another source package are another kernel.
+    assert kernel.cache_key(kernel.KernelSource("6.12", a.config_dir)) != kernel.cache_key(a)
 
 
 def test_share_parsing_and_validation(tmp_path: Path) -> None:
@@ -96,3 +129,14 @@ def test_daemon_command_lines(tmp_path: Path) -> None:
     p = daemon_argv(Share(tmp_path, "t", backend="pyvirtiofsd", readonly=True), 9)
     assert p[1:3] == ["-m", "pyvirtiofsd.daemon"]
     assert p[p.index("--fd") + 1] == "9" and "--readonly" in p
+
+
+def test_request_queues_default_to_the_vcpu_count(tmp_path: Path) -> None:
+    s = Share(tmp_path, "q", backend="pyvirtiofsd")
+    assert s.num_request_queues is None
+    assert vhost_user_device(s, "fs0", tmp_path / "s", cpus=4).num_request_queues == 4
+    assert vhost_user_device(s, "fs0", tmp_path / "s").num_request_queues == 1
+    pinned = Share(tmp_path, "q", backend="pyvirtiofsd", num_request_queues=1)
+    assert vhost_user_device(pinned, "fs0", tmp_path / "s", cpus=4).num_request_queues == 1
+    args = vhost_user_device(s, "f", tmp_path / "s", 4).device_args()
+    assert args.endswith(",num-request-queues=4")

@@ -10,13 +10,18 @@ import pytest
 
 from pyvirtiofsd.vm.initramfs import build_initramfs
 from pyvirtiofsd.vm.kernel import build_kernel
+from pyvirtiofsd.vm.machine import resolve_kernel_version
 from pyvirtiofsd.vm.process import children_of
 
 
 @pytest.fixture(scope="session", autouse=True)
 def guest_image() -> None:
-    """Build (or find cached) kernel and initramfs once, before any boot."""
-    build_kernel()
+    """Build (or find cached) kernel and initramfs once, before any boot.
+
+    The kernel is the version the machines boot: ``$PYVIRTIOFSD_KERNEL_VERSION``
+    or the default.
+    """
+    build_kernel(version=resolve_kernel_version(None))
     build_initramfs()
 
 
