@@ -29,8 +29,9 @@ from pathlib import Path
 
 import trio
 
-from . import __version__
+from . import __version__, capabilities, limits, sandbox, seccomp
 from .device import DEFAULT_THREAD_POOL_SIZE
+from .passthrough.xattrmap import XattrMap
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -44,6 +45,11 @@ LOG_LEVELS = {
     "trace": logging.DEBUG,
     "off": logging.CRITICAL + 1,
 }
+
+#: ``--sandbox`` when root and none is given (``none`` when not root).
+DEFAULT_SANDBOX_ROOT = "none"
+#: ``--seccomp`` when none is given.
+DEFAULT_SECCOMP = "none"
 
 #: What ``--print-capabilities`` prints (docs/interop/vhost-user.json):
 #: the "fs" member of VHostUserBackendCapabilities carries no features.
@@ -201,9 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-level", choices=sorted(LOG_LEVELS), default="info")
     ap.add_argument(
         "--sandbox",
-        choices=("none",),
-        default="none",
-        help="accepted for compatibility; only 'none' (no sandboxing) is implemented",
+        choices=sandbox.MODES,
+        default=None,
+        help="confine the daemon: namespace (new mount/pid/net/ipc/uts namespaces, "
+        "pivot_root into the share), chroot, or none (default: "
+        f"{DEFAULT_SANDBOX_ROOT} as root, none otherwise)",
+    )
+    ap.add_argument(
+        "--seccomp",
+        choices=seccomp.MODES,
+        default=DEFAULT_SECCOMP,
+        help="action for a system call outside the allowlist: kill the daemon, log "
+        f"it (kernel audit log), trap (SIGSYS, Python stacks on stderr), none "
+        f"(default {DEFAULT_SECCOMP})",
+    )
+    ap.add_argument(
+        "--modcaps",
+        metavar="+CAP:-CAP",
+        help="capabilities to keep besides (+) or drop from (-) the default set "
+        f"({', '.join(sorted(capabilities.DEFAULT_CAPS))}), e.g. +sys_admin:-mknod",
+    )
+    ap.add_argument(
+        "--rlimit-nofile",
+        type=int,
+        metavar="N",
+        help="open-file limit (default: min(1000000, /proc/sys/fs/nr_open), the "
+        "soft limit capped by the hard one unless root; 0: leave it)",
+    )
+    ap.add_argument(
+        "--xattrmap",
+        metavar="RULES",
+        help="map guest xattr names to host names, virtiofsd syntax "
+        "(:prefix|ok|bad|unsupported:client|server|all:KEY:PREPEND: and :map:KEY:PREPEND:)",
     )
     ap.add_argument(
         "-f",
@@ -234,8 +269,11 @@ def apply_compat_options(args: argparse.Namespace) -> None:
             elif key in ("readdirplus", "no_readdirplus"):
                 log.warning("option -o %s is not implemented; ignored", key)
             elif key == "sandbox":
-                if value != "none":
-                    log.warning("sandbox=%s is not implemented; running without a sandbox", value)
+                if value not in sandbox.MODES:
+                    raise SystemExit(f"pyvirtiofsd: bad sandbox {value!r}")
+                args.sandbox = value
+            elif key in ("modcaps", "xattrmap"):
+                setattr(args, key, value)
             else:
                 raise SystemExit(f"pyvirtiofsd: unknown option -o {opt}")
 
@@ -255,6 +293,31 @@ def make_listener(args: argparse.Namespace) -> socket.socket:
         os.chown(args.socket_path, -1, gid)
         os.chmod(args.socket_path, 0o660)
     return sock
+
+
+def confine(
+    args: argparse.Namespace, shared: Path, listener: socket.socket, keep: frozenset[str]
+) -> Path:
+    """The sandbox, then capabilities, no_new_privs and seccomp, in that order
+    (mounts need CAP_SYS_ADMIN, which goes; the filter allows no mount).
+    Runs while the process has one thread; returns the share's path inside."""
+    mode = args.sandbox or (DEFAULT_SANDBOX_ROOT if os.geteuid() == 0 else "none")
+
+    def parent_cleanup() -> None:  # the outer process of the namespace sandbox
+        listener.close()
+        if args.socket_path:
+            with contextlib.suppress(OSError):
+                os.unlink(args.socket_path)
+
+    if args.seccomp != "none":
+        seccomp.load_library()
+        sandbox.preload()
+    inside = sandbox.enter(mode, shared, parent_cleanup=parent_cleanup)
+    if os.geteuid() == 0:
+        capabilities.restrict(keep)
+    capabilities.set_no_new_privs()
+    seccomp.install(args.seccomp)
+    return inside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,10 +355,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyvirtiofsd: cannot listen: {e}", file=sys.stderr)
         return 1
 
+    try:
+        keep = capabilities.apply_modcaps(capabilities.DEFAULT_CAPS, args.modcaps)
+        xattrmap = XattrMap.from_option(args.xattrmap)
+        limits.raise_nofile_limit(args.rlimit_nofile)
+        shared_dir = confine(args, shared.resolve(), listener, keep)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"pyvirtiofsd: {e}", file=sys.stderr)
+        listener.close()
+        return 1
+
     from .service import ServiceConfig, run_service
 
     config = ServiceConfig(
-        shared_dir=shared.resolve(),
+        shared_dir=shared_dir,
+        xattrmap=xattrmap,
         cache=args.cache,
         readonly=args.readonly,
         xattr=args.xattr,
@@ -319,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         listener.close()
-        if args.socket_path:
+        # Confined, the path means something else (or nothing): the namespace
+        # sandbox's outer process removes the socket file instead.
+        if args.socket_path and shared_dir == shared.resolve():
             with contextlib.suppress(OSError):
                 os.unlink(args.socket_path)
     return 0

@@ -19,6 +19,7 @@ import trio
 from .device import DEFAULT_THREAD_POOL_SIZE, FsDevice
 from .fuse.session import FuseSession
 from .passthrough.filesystem import PassthroughFs
+from .passthrough.xattrmap import IDENTITY, XattrMap
 
 log = logging.getLogger("pyvirtiofsd")
 
@@ -46,6 +47,7 @@ class ServiceConfig:
     num_request_queues: int = 16
     window: tuple[int, int] | None = None
     keep_listening: bool = False
+    xattrmap: XattrMap = IDENTITY
     thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE
     stats_file: Path | None = None
 
@@ -67,6 +69,7 @@ def make_device(config: ServiceConfig) -> FsDevice:
         allow_direct_io=config.allow_direct_io,
         announce_submounts=config.announce_submounts,
     )
+    fs.xattrmap = config.xattrmap
     session = FuseSession(fs)
     return FsDevice(
         session,
@@ -77,8 +80,11 @@ def make_device(config: ServiceConfig) -> FsDevice:
     )
 
 
-async def _signals(cancel: trio.CancelScope) -> None:
+async def _signals(
+    cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        task_status.started()
         async for signum in sigs:
             log.info("received %s, shutting down", signal.Signals(signum).name)
             cancel.cancel()
@@ -88,13 +94,6 @@ async def _signals(cancel: trio.CancelScope) -> None:
 async def run_service(listener: socket.socket, config: ServiceConfig) -> None:
     from .vhost_user.server import serve
 
-    log.info(
-        "serving %s (cache=%s%s%s)",
-        config.shared_dir,
-        config.cache,
-        ", read-only" if config.readonly else "",
-        f", swiotlb window {config.window[0]:#x}+{config.window[1]:#x}" if config.window else "",
-    )
     devices: list[FsDevice] = []
 
     def next_device() -> FsDevice:
@@ -107,7 +106,17 @@ async def run_service(listener: socket.socket, config: ServiceConfig) -> None:
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, nursery.cancel_scope)
+            # "serving" once SIGTERM/SIGINT/SIGHUP end the service cleanly
+            await nursery.start(_signals, nursery.cancel_scope)
+            log.info(
+                "serving %s (cache=%s%s%s)",
+                config.shared_dir,
+                config.cache,
+                ", read-only" if config.readonly else "",
+                f", swiotlb window {config.window[0]:#x}+{config.window[1]:#x}"
+                if config.window
+                else "",
+            )
             await serve(listener, next_device, reconnect=config.keep_listening)
             nursery.cancel_scope.cancel()
     finally:

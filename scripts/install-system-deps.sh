@@ -25,6 +25,7 @@ pkg-config
 python3-venv
 python3-dev
 debootstrap
+libseccomp2
 "
 
 missing=""

@@ -46,6 +46,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from .. import procfs
 from ..fuse import abi
 from ..fuse.abi import (
     ROOT_ID,
@@ -62,6 +63,7 @@ from ..fuse.abi import (
     encode_direntplus,
 )
 from . import locks, oscalls
+from . import xattrmap as xattrmap_mod
 from .inodes import (
     DirEntry,
     DirHandle,
@@ -72,6 +74,7 @@ from .inodes import (
     Inode,
     InodeTable,
 )
+from .xattrmap import XattrMap
 
 __all__ = ["PassthroughFs", "ReadInto", "RequestContext", "WriteFrom"]
 
@@ -238,7 +241,7 @@ class PassthroughFs:
         self.locks = locks.LockManager(
             self._reopen, readonly=readonly, per_inode=lock_fds_per_inode, total=lock_fds
         )
-        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._proc_fd = procfs.open_proc_self_fd()  # the sandbox may have no /proc
         try:
             root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException:
@@ -314,9 +317,6 @@ class PassthroughFs:
     def _kill_if(kill: object) -> AbstractContextManager[None]:
         """Without CAP_FSETID when ``kill``: the host then clears setuid/setgid itself."""
         return oscalls.without_fsetid() if kill else nullcontext()
-
-    def _proc_path(self, fd: int) -> str:
-        return f"/proc/self/fd/{fd}"
 
     def _entry_for_fd(self, fd: int) -> EntryOut:
         """Count one lookup of the inode an open fd refers to (CREATE)."""
@@ -916,29 +916,47 @@ class PassthroughFs:
 
     # --- extended attributes -----------------------------------------------------
 
+    #: Guest <-> host xattr names (``--xattrmap``); the service sets it.
+    xattrmap: XattrMap = xattrmap_mod.IDENTITY
+
     def _check_xattr(self) -> None:
         if not self.xattr:
             raise _err(errno.ENOSYS)
+
+    def _host_xattr_name(self, name: bytes, *, getting: bool = False) -> bytes:
+        host = self.xattrmap.to_host(validate_xattr_name(name), getting=getting)
+        return validate_xattr_name(host)
+
+    def _write_xattr_name(self, name: bytes, ctx: RequestContext) -> bytes:
+        """The host name a set/remove acts on; privileged names only for guest root."""
+        host = self._host_xattr_name(name)
+        if xattrmap_mod.privileged_write_denied(host, ctx.uid):
+            raise _err(errno.EPERM)
+        return host
 
     def setxattr(
         self, nodeid: int, name: bytes, value: bytes, flags: int, ctx: RequestContext
     ) -> None:
         self._check_xattr()
         self._check_writable()
-        validate_xattr_name(name)
+        host = self._write_xattr_name(name, ctx)
         if len(value) > _XATTR_SIZE_MAX:
             raise _err(errno.E2BIG)
         if flags & ~(os.XATTR_CREATE | os.XATTR_REPLACE):
             raise _err(errno.EINVAL)
-        with self.inodes.borrow(nodeid) as inode, self._as_caller(ctx):
-            os.setxattr(self._proc_path(inode.fd), name, value, flags)
+        with (
+            self.inodes.borrow(nodeid) as inode,
+            self._as_caller(ctx),
+            procfs.in_proc_fd_dir(self._proc_fd),
+        ):
+            os.setxattr(str(inode.fd), host, value, flags)
 
     def getxattr(self, nodeid: int, name: bytes, size: int) -> bytes | int:
         """The value, or its length when ``size`` is 0; ERANGE when it exceeds ``size``."""
         self._check_xattr()
-        validate_xattr_name(name)
-        with self.inodes.borrow(nodeid) as inode:
-            value = os.getxattr(self._proc_path(inode.fd), name)
+        host = self._host_xattr_name(name, getting=True)
+        with self.inodes.borrow(nodeid) as inode, procfs.in_proc_fd_dir(self._proc_fd):
+            value = os.getxattr(str(inode.fd), host)
         if size == 0:
             return len(value)
         if len(value) > size:
@@ -946,11 +964,13 @@ class PassthroughFs:
         return value
 
     def listxattr(self, nodeid: int, size: int) -> bytes | int:
-        """NUL-terminated names, or their total length when ``size`` is 0."""
+        """NUL-terminated names (as the map shows them), or their total length
+        when ``size`` is 0."""
         self._check_xattr()
-        with self.inodes.borrow(nodeid) as inode:
-            names = os.listxattr(self._proc_path(inode.fd))
-        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        with self.inodes.borrow(nodeid) as inode, procfs.in_proc_fd_dir(self._proc_fd):
+            names = os.listxattr(str(inode.fd))
+        shown = (self.xattrmap.to_guest(os.fsencode(n)) for n in names)
+        data = b"".join(n + b"\0" for n in shown if n is not None)
         if size == 0:
             return len(data)
         if len(data) > size:
@@ -960,9 +980,13 @@ class PassthroughFs:
     def removexattr(self, nodeid: int, name: bytes, ctx: RequestContext) -> None:
         self._check_xattr()
         self._check_writable()
-        validate_xattr_name(name)
-        with self.inodes.borrow(nodeid) as inode, self._as_caller(ctx):
-            os.removexattr(self._proc_path(inode.fd), name)
+        host = self._write_xattr_name(name, ctx)
+        with (
+            self.inodes.borrow(nodeid) as inode,
+            self._as_caller(ctx),
+            procfs.in_proc_fd_dir(self._proc_fd),
+        ):
+            os.removexattr(str(inode.fd), host)
 
     # --- locks ---------------------------------------------------------------------
 
