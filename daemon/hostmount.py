@@ -350,7 +350,7 @@ class HostOperations(pyfuse3.Operations):
     ) -> None:
         """READDIRPLUS: each entry the kernel accepted counts one lookup.
 
-        Offsets are the passthrough's snapshot positions; ``.`` and ``..``
+        Offsets are the passthrough's (the host's ``d_off``); ``.`` and ``..``
         are left to the kernel.
         """
         parent = self._dirs[fh]
@@ -367,7 +367,7 @@ class HostOperations(pyfuse3.Operations):
                     entry = _call(self.fs.lookup, parent, name)
                 except pyfuse3.FUSEError as exc:
                     if exc.errno == errno.ENOENT:
-                        continue  # gone since the snapshot
+                        continue  # gone since it was listed
                     raise
                 if not pyfuse3.readdir_reply(token, name, _entry(entry), next_off):
                     self.fs.forget(entry.nodeid, 1)

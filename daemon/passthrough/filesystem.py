@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -62,10 +63,9 @@ from ..fuse.abi import (
     encode_dirent,
     encode_direntplus,
 )
-from . import locks, oscalls
+from . import dirents, locks, oscalls
 from . import xattrmap as xattrmap_mod
 from .inodes import (
-    DirEntry,
     DirHandle,
     FdMirror,
     FileHandle,
@@ -192,6 +192,29 @@ def _dtype(mode: int) -> int:
     return (mode & 0o170000) >> 12
 
 
+#: Open directory handles allowed at once (``max_dir_handles``).
+MAX_DIR_HANDLES = 4096
+
+
+class _Budget:
+    """A count with a cap, shared by threads: EMFILE when it is reached."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.used >= self.cap:
+                raise _err(errno.EMFILE)
+            self.used += 1
+
+    def give(self) -> None:
+        with self._lock:
+            self.used -= 1
+
+
 class PassthroughFs:
     """Serves the directory ``root`` (resolved once, at construction).
 
@@ -202,6 +225,7 @@ class PassthroughFs:
     opened read-write even for O_WRONLY (the guest page cache reads around
     partial writes) and without O_APPEND (the guest computes the offsets).
     ``allow_device_nodes``: MKNOD may create character/block devices.
+    ``max_dir_handles``: open directories at once (OPENDIR past it: EMFILE).
     ``posix_locks``/``flock``: serve POSIX/flock locks as host locks (else
     the lock operations answer ENOSYS); ``lock_fds_per_inode`` and
     ``lock_fds`` cap the lock owners' fds (see :mod:`.locks`).
@@ -221,6 +245,7 @@ class PassthroughFs:
         flock: bool = False,
         lock_fds_per_inode: int = locks.MAX_OWNER_FDS_PER_INODE,
         lock_fds: int = locks.MAX_OWNER_FDS,
+        max_dir_handles: int = MAX_DIR_HANDLES,
         cache: str = "auto",
         allow_direct_io: bool = False,
         announce_submounts: bool = False,
@@ -238,6 +263,9 @@ class PassthroughFs:
         self.xattr = xattr
         self.writeback = writeback
         self.allow_device_nodes = allow_device_nodes
+        if max_dir_handles < 1:
+            raise ValueError("max_dir_handles must be at least 1")
+        self._dir_budget = _Budget(max_dir_handles)
         self.locks = locks.LockManager(
             self._reopen, readonly=readonly, per_inode=lock_fds_per_inode, total=lock_fds
         )
@@ -361,44 +389,6 @@ class PassthroughFs:
         )
         return self._entry(inode.nodeid, st, submount=submount)
 
-    def _snapshot(self, handle: DirHandle) -> list[DirEntry]:
-        st = os.fstat(handle.fd)
-        if handle.nodeid == ROOT_ID:
-            parent_ino = st.st_ino  # never reveal what lies above the share
-        else:
-            try:
-                parent_ino = os.stat(b"..", dir_fd=handle.fd, follow_symlinks=False).st_ino
-            except OSError:
-                parent_ino = st.st_ino
-        entries = [
-            DirEntry(b".", st.st_ino, stat.S_IFDIR >> 12),
-            DirEntry(b"..", parent_ino, stat.S_IFDIR >> 12),
-        ]
-        # scandir(fd) works on a dup and rewinds it when done.
-        with os.scandir(handle.fd) as it:
-            for de in it:
-                entries.append(DirEntry(os.fsencode(de.name), de.inode(), self._de_type(de)))
-        return entries
-
-    @staticmethod
-    def _de_type(de: os.DirEntry[str]) -> int:
-        try:
-            if de.is_symlink():
-                return stat.S_IFLNK >> 12
-            if de.is_dir(follow_symlinks=False):
-                return stat.S_IFDIR >> 12
-            if de.is_file(follow_symlinks=False):
-                return stat.S_IFREG >> 12
-            return _dtype(de.stat(follow_symlinks=False).st_mode)
-        except OSError:
-            return 0  # DT_UNKNOWN: the guest will ask with LOOKUP
-
-    def _dir_entries(self, handle: DirHandle, offset: int) -> list[DirEntry]:
-        """The snapshot from ``offset`` on; caller holds ``handle.lock``."""
-        if offset == 0 or handle.entries is None:
-            handle.entries = self._snapshot(handle)
-        return handle.entries[offset:]
-
     # --- operations -----------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> EntryOut:
@@ -482,22 +472,55 @@ class PassthroughFs:
         self.handles.release(fh)
 
     def opendir(self, nodeid: int, flags: int) -> OpenOut:
+        """Open a directory for READDIR; EMFILE past ``max_dir_handles`` open ones."""
         del flags  # only O_RDONLY|O_DIRECTORY make sense for a directory
         with self.inodes.borrow(nodeid) as inode:
             if inode.mode != stat.S_IFDIR:
                 raise _err(errno.ENOTDIR)
-            fd = self._reopen(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
-        fh = self.handles.add(DirHandle(fd, nodeid))
+            self._dir_budget.take()
+            try:
+                fd = self._reopen(inode.fd, os.O_RDONLY | os.O_DIRECTORY)
+            except BaseException:
+                self._dir_budget.give()
+                raise
+        fh = self.handles.add(DirHandle(fd, nodeid, self._dir_budget.give))
         return OpenOut(fh=fh, open_flags=0, padding=0)
 
+    @property
+    def open_dir_handles(self) -> int:
+        """Directory handles open now (their fds included until closed)."""
+        return self._dir_budget.used
+
+    def _dir_stream(
+        self, handle: DirHandle, offset: int, size: int
+    ) -> Iterator[dirents.HostDirent]:
+        """Entries after host cookie ``offset``, read in batches of about
+        ``size`` bytes until the caller stops or the directory ends; caller
+        holds ``handle.lock`` (the fd's position is shared)."""
+        root_ino = self.inodes.root.key[1] if handle.nodeid == ROOT_ID else None
+        while True:
+            more = False
+            for de in dirents.read_dirents(handle.fd, offset, size):
+                more = True
+                offset = de.off
+                if root_ino is not None and de.name == b"..":
+                    de = de._replace(ino=root_ino)  # never reveal what lies above the share
+                yield de
+            if not more:
+                return
+
     def readdir(self, fh: int, offset: int, size: int) -> bytes:
-        """fuse_dirent records from ``offset`` on, at most ``size`` bytes."""
+        """fuse_dirent records after host cookie ``offset``, at most ``size`` bytes.
+
+        Streamed from the directory fd (see :mod:`.dirents`): each record's
+        ``off`` is the host's ``d_off``; an empty reply means the end.
+        """
         out = bytearray()
         with self.handles.borrow(fh, DirHandle) as handle, handle.lock:
-            for i, de in enumerate(self._dir_entries(handle, offset), start=offset + 1):
+            for de in self._dir_stream(handle, offset, size):
                 if len(out) + dirent_size(de.name) > size:
                     break
-                out += encode_dirent(de.ino, i, de.dtype, de.name)
+                out += encode_dirent(de.ino, de.off, de.dtype, de.name)
         return bytes(out)
 
     def readdirplus(self, fh: int, offset: int, size: int) -> bytes:
@@ -505,17 +528,17 @@ class PassthroughFs:
 
         An entry is looked up only once it is known to fit, so the guest's
         lookup counts match exactly what it received.  Entries that vanished
-        since the snapshot are skipped.
+        since the host listed them are skipped.
         """
         out = bytearray()
         with self.handles.borrow(fh, DirHandle) as handle, handle.lock:
-            for i, de in enumerate(self._dir_entries(handle, offset), start=offset + 1):
+            for de in self._dir_stream(handle, offset, size):
                 if len(out) + direntplus_size(de.name) > size:
                     break
                 if de.name in (b".", b".."):
                     # nodeid 0: "no entry for this name", the kernel takes no reference.
                     empty = EntryOut(0, 0, 0, 0, 0, 0, Attr(*([0] * 16)))
-                    out += encode_direntplus(empty, de.ino, i, de.dtype, de.name)
+                    out += encode_direntplus(empty, de.ino, de.off, de.dtype, de.name)
                     continue
                 try:
                     entry = self._lookup_at(handle.fd, de.name)
@@ -525,7 +548,9 @@ class PassthroughFs:
                     if out:
                         break  # return what we have; the guest asks again from here
                     raise
-                out += encode_direntplus(entry, entry.attr.ino, i, _dtype(entry.attr.mode), de.name)
+                out += encode_direntplus(
+                    entry, entry.attr.ino, de.off, _dtype(entry.attr.mode), de.name
+                )
         return bytes(out)
 
     def releasedir(self, fh: int) -> None:

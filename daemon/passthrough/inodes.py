@@ -34,7 +34,7 @@ from ..fuse.abi import ROOT_ID
 if TYPE_CHECKING:
     from .locks import InodeLocks
 
-__all__ = ["DirEntry", "DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
+__all__ = ["DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
 
 InodeKey = tuple[int, int]  # (st_dev, st_ino)
 _log = logging.getLogger("pyvirtiofsd.passthrough")
@@ -255,17 +255,6 @@ class InodeTable(_PinnedTable[Inode]):
             self.root.close_fds()
 
 
-class DirEntry:
-    """One snapshotted directory entry."""
-
-    __slots__ = ("dtype", "ino", "name")
-
-    def __init__(self, name: bytes, ino: int, dtype: int) -> None:
-        self.name = name
-        self.ino = ino
-        self.dtype = dtype
-
-
 class Handle(_Pinned):
     """An open file or directory (the guest's ``fh``)."""
 
@@ -281,25 +270,29 @@ class FileHandle(Handle):
 
 
 class DirHandle(Handle):
-    """An open directory with a snapshot of its entries.
+    """An open directory, read by READDIR straight from its fd.
 
-    READDIR offsets are indexes into the snapshot (entry ``i`` carries
-    ``off = i + 1``), so they stay valid across calls no matter how the
-    directory changes; the snapshot is retaken when the guest reads from
-    offset 0 (``rewinddir``).  POSIX leaves it unspecified whether entries
-    created or removed after ``opendir``/``rewinddir`` are reported, so this
-    is conforming.  The cost is memory proportional to the directory size per
-    open handle; getdents64 cookies via ctypes would avoid it but are
-    architecture-specific syscall plumbing and not stable across renames on
-    every filesystem either.
+    Nothing but a lock is kept per handle: READDIR streams from the fd with
+    the host's own resume cookies (see :mod:`.dirents`), so memory does not
+    grow with the directory.  ``lock`` serialises the READDIRs of one handle
+    (they move the fd's position).  ``on_close`` runs once the fd is closed
+    (the filesystem's count of open directories).
     """
 
-    __slots__ = ("entries", "lock")
+    __slots__ = ("_on_close", "lock")
 
-    def __init__(self, fd: int, nodeid: int) -> None:
+    def __init__(self, fd: int, nodeid: int, on_close: Callable[[], None] | None = None) -> None:
         super().__init__(fd, nodeid)
         self.lock = threading.Lock()
-        self.entries: list[DirEntry] | None = None
+        self._on_close = on_close
+
+    def close_fds(self) -> None:
+        try:
+            super().close_fds()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
 
 
 Handle_T = TypeVar("Handle_T", bound=Handle)
