@@ -9,7 +9,9 @@ Debian's own load and verification tools (fio, stress-ng, dbench, python3).
 
 The tree is cached under ``<build>/debian/<key>/root`` by suite, package list
 and recipe version; building it takes a minute or two and needs Debian's
-mirror (``PYVIRTIOFSD_DEBIAN_MIRROR`` overrides it).
+mirror (``PYVIRTIOFSD_DEBIAN_MIRROR`` overrides it). :func:`debootstrap_root`
+is the cached debootstrap itself; the daemon benchmark uses it too, for a
+Debian 13 root holding the Rust virtiofsd.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .paths import build_dir
@@ -47,48 +50,64 @@ def _log(msg: str) -> None:
     print(f"[debian] {msg}", file=sys.stderr, flush=True)
 
 
-def build_debian_root() -> Path:
-    """Return the cached Debian tree, running debootstrap first if needed."""
-    root_dir = build_dir() / "debian"
-    root_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key()
-    out = root_dir / key / "root"
-    with (root_dir / ".lock").open("w") as lock:
+def debootstrap_root(
+    dest: Path,
+    suite: str,
+    packages: Sequence[str],
+    *,
+    recipe_version: str,
+    mirror: str = MIRROR,
+    drop_apt_cache: bool = True,
+) -> Path:
+    """A minbase ``suite`` tree with ``packages`` at ``dest/root``, built once and cached.
+
+    ``dest/stamp`` records the recipe (version, suite, packages, mirror is not
+    part of it); the tree is rebuilt only when the recipe changes. Concurrent
+    callers serialise on ``dest/.lock``; the tree is built in ``dest/root.work``
+    and renamed into place, so a half-built tree is never returned.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    recipe = f"{recipe_version}\n{suite}\n{' '.join(packages)}\n"
+    out = dest / "root"
+    stamp = dest / "stamp"
+    with (dest / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "usr/bin/fio").exists():
+        if out.is_dir() and stamp.exists() and stamp.read_text() == recipe:
             return out
         debootstrap = shutil.which("debootstrap")
         if debootstrap is None:
             raise DebianBuildError("debootstrap is missing: run `make deps`")
         if os.geteuid() != 0:
-            raise DebianBuildError("building the Debian guest userland needs root (debootstrap)")
-        work = root_dir / f"{key}.work"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        log = root_dir / f"{key}.log"
-        _log(f"debootstrap {SUITE} (minbase + {', '.join(PACKAGES)}) from {MIRROR}; log {log}")
+            raise DebianBuildError(f"debootstrapping {suite} into {dest} needs root")
+        work = dest / "root.work"
+        for old in (work, out):
+            if old.exists():
+                shutil.rmtree(old)
+        stamp.unlink(missing_ok=True)
+        log = dest / "debootstrap.log"
+        _log(f"debootstrap {suite} (minbase + {', '.join(packages)}) from {mirror}; log {log}")
         started = time.monotonic()
-        cmd = [
-            debootstrap,
-            "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
-            SUITE,
-            str(work / "root"),
-            MIRROR,
-        ]
+        cmd = [debootstrap, "--variant=minbase", f"--include={','.join(packages)}", suite,
+               str(work), mirror]  # fmt: skip
         with log.open("wb") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise DebianBuildError(f"debootstrap failed ({r.returncode}):\n{tail}")
-        # Drop the package cache: nothing in the guest installs packages.
-        shutil.rmtree(work / "root/var/cache/apt/archives", ignore_errors=True)
-        (out.parent).mkdir(parents=True, exist_ok=True)
-        (work / "root").rename(out)
-        shutil.rmtree(work)
-        _log(f"Debian userland ready in {time.monotonic() - started:.0f} s: {out}")
+            raise DebianBuildError(f"debootstrap {suite} failed ({r.returncode}):\n{tail}")
+        if drop_apt_cache:
+            shutil.rmtree(work / "var/cache/apt/archives", ignore_errors=True)
+        work.rename(out)
+        stamp.write_text(recipe)
+        _log(f"{suite} tree ready in {time.monotonic() - started:.0f} s: {out}")
         return out
+
+
+def build_debian_root() -> Path:
+    """Return the cached Debian guest userland, running debootstrap first if needed."""
+    # Nothing in the guest installs packages: the apt cache goes.
+    return debootstrap_root(
+        build_dir() / "debian" / cache_key(), SUITE, PACKAGES, recipe_version=RECIPE_VERSION
+    )
 
 
 def mount_script() -> str:
