@@ -58,9 +58,13 @@ unit-test: deps
 vm-test: deps guest
 	$(PYTEST) -m vm tests
 
-# Guest-side throughput of pyvirtiofsd vs the C virtiofsd and QEMU's 9p, same VM, same run.
-bench: deps guest
-	@$(PY) -m pyvirtiofsd.vm.bench $(BENCH_ARGS)
+# Benchmarks against the C and the Rust virtiofsd, results in build/bench/<stamp>/:
+# SUITE=daemon (the daemon alone over its socket, no guest), SUITE=guest (dd in a
+# VM, also vs 9p and per DMA mode), SUITE=all (default). E.g.
+# make bench SUITE=daemon BENCH_ARGS="--duration 1 --rounds 3"
+SUITE      ?= all
+bench: deps $(if $(filter daemon,$(SUITE)),,guest)
+	@$(PY) -m pyvirtiofsd.bench --suite $(SUITE) $(BENCH_ARGS)
 
 # The C core's tests under ASan + UBSan (a report fails the run); part of `make test`.
 sanitize: deps

@@ -5,7 +5,7 @@ set -eu
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tree="$root/build/typecheck"
 mkdir -p "$tree/pyvirtiofsd"
-for p in daemon dma vm; do ln -sfn "$root/$p" "$tree/pyvirtiofsd/$p"; done
+for p in bench daemon dma vm; do ln -sfn "$root/$p" "$tree/pyvirtiofsd/$p"; done
 cd "$tree"
 exec "$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" \
-    -p pyvirtiofsd.daemon -p pyvirtiofsd.dma -p pyvirtiofsd.vm "$@"
+    -p pyvirtiofsd.bench -p pyvirtiofsd.daemon -p pyvirtiofsd.dma -p pyvirtiofsd.vm "$@"

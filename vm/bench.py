@@ -1,11 +1,12 @@
-"""``make bench``: guest-side throughput of pyvirtiofsd against its peers.
+"""``make bench SUITE=guest``: guest-side throughput of pyvirtiofsd against its peers.
 
-Part 1, peers: one guest, one run, three shares of the same host directory:
-pyvirtiofsd, the C virtiofsd shipped with QEMU (``/usr/lib/qemu/virtiofsd``)
-and QEMU's own virtio-9p. Each is read (a file the guest has not cached:
-caches dropped first) and written (``conv=fsync``) with ``dd`` from inside the
-guest, several passes interleaved so that noise on a shared machine hits
-every peer alike.
+Part 1, peers: one guest, one run, four shares of the same host directory:
+pyvirtiofsd, the C virtiofsd shipped with QEMU (``/usr/lib/qemu/virtiofsd``),
+the Rust virtiofsd of Debian 13 (``--thread-pool-size 0``; see
+:mod:`pyvirtiofsd.bench.peers`) and QEMU's own virtio-9p. Each is read (a
+file the guest has not cached: caches dropped first) and written
+(``conv=fsync``) with ``dd`` from inside the guest, several passes
+interleaved so that noise on a shared machine hits every peer alike.
 
 Part 2, DMA modes: pyvirtiofsd alone, the same workload in each of the three
 DMA modes (``off``, ``shared`` = swiotlb=force, ``per-device`` windows), one
@@ -32,7 +33,12 @@ from .paths import build_dir
 from .shares import Share
 from .swiotlb import DMA_MODES
 
-PEERS = (("pyvirtiofsd", "py"), ("virtiofsd", "cvfs"), ("9p", "ninep"))
+PEERS = (
+    ("pyvirtiofsd", "py"),
+    ("virtiofsd", "cvfs"),
+    ("rust-virtiofsd", "rust"),
+    ("9p", "ninep"),
+)
 
 
 @dataclass
@@ -125,7 +131,7 @@ def report(peers: dict[str, Result], modes: dict[str, Result], size_mib: int) ->
         n = len(peers["pyvirtiofsd"].read)
         lines.append(f"peers: {size_mib} MiB dd, {n} interleaved passes, same guest:")
         lines += [_line(r, size_mib) for r in peers.values()]
-        for peer in ("virtiofsd", "9p"):
+        for peer in ("virtiofsd", "rust-virtiofsd", "9p"):
             lines.append(f"  pyvirtiofsd / {peer}: {_ratio(peers['pyvirtiofsd'], peers[peer])}")
     if modes:
         n = len(modes["off"].read)
@@ -137,35 +143,48 @@ def report(peers: dict[str, Result], modes: dict[str, Result], size_mib: int) ->
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="pyvirtiofsd-bench",
+        prog="pyvirtiofsd-bench --suite guest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    ap.add_argument("--size-mib", type=int, default=64)
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--bs", default="1M")
-    ap.add_argument("--accel", default="auto")
-    ap.add_argument("--only", choices=("peers", "modes"), default=None)
-    args = ap.parse_args(argv)
+    g = ap.add_argument_group("guest suite")
+    g.add_argument("--size-mib", type=int, default=64)
+    g.add_argument("--passes", type=int, default=3)
+    g.add_argument("--bs", default="1M")
+    g.add_argument("--accel", default="auto")
+    g.add_argument("--only", choices=("peers", "modes"), default=None)
+    return ap
+
+
+def run_suite(args: argparse.Namespace, out: Path) -> str:
+    """Run the guest suite; results go to ``out/guest.json`` and ``out/guest.txt``."""
     t0 = time.monotonic()
-    peers = modes = {}
+    peers: dict[str, Result] = {}
+    modes: dict[str, Result] = {}
     if args.only in (None, "peers"):
         peers = run_peers(args.size_mib, args.passes, args.bs, args.accel)
     if args.only in (None, "modes"):
         modes = run_modes(args.size_mib, args.passes, args.bs, args.accel)
     text = report(peers, modes, args.size_mib)
-    print(text)
-    out = build_dir() / "bench"
-    out.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
     raw = {k: {"read": v.read, "write": v.write} for k, v in {**peers, **modes}.items()}
-    (out / f"bench-{stamp}.json").write_text(
-        json.dumps({"size_mib": args.size_mib, "results": raw}, indent=2)
+    (out / "guest.json").write_text(
+        json.dumps({"suite": "guest", "size_mib": args.size_mib, "results": raw}, indent=2)
     )
-    (out / f"bench-{stamp}.txt").write_text(text + "\n")
-    print(f"(raw results in {out}; {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    (out / "guest.txt").write_text(text + "\n")
+    print(f"(guest suite: raw results in {out}; {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return text + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(parents=[build_parser()], description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    args = ap.parse_args(argv)
+    out = build_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    print(run_suite(args, out), end="")
     return 0
 
 

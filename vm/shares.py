@@ -5,6 +5,8 @@ A share is a host directory with a tag, served by one of:
 - ``pyvirtiofsd`` — this project's device (vhost-user-fs);
 - ``virtiofsd`` — the reference C daemon shipped with QEMU 7.2
   (``/usr/lib/qemu/virtiofsd``);
+- ``rust-virtiofsd`` — the Rust virtiofsd 1.13 of Debian 13, run from a
+  cached trixie root (:mod:`pyvirtiofsd.bench.peers`; built on first use);
 - ``9p`` — QEMU's built-in virtio-9p, the baseline peer.
 
 The harness creates each vhost-user listening socket itself and hands the
@@ -24,7 +26,7 @@ from .process import ChildProcess
 from .qemu import NinePShare, VhostUserFsDevice
 
 C_VIRTIOFSD = Path(os.environ.get("PYVIRTIOFSD_C_VIRTIOFSD", "/usr/lib/qemu/virtiofsd"))
-BACKENDS = ("pyvirtiofsd", "virtiofsd", "9p")
+BACKENDS = ("pyvirtiofsd", "virtiofsd", "rust-virtiofsd", "9p")
 #: The backend shares use unless told otherwise.
 DEFAULT_BACKEND = os.environ.get("PYVIRTIOFSD_BACKEND", "pyvirtiofsd")
 
@@ -95,6 +97,14 @@ def daemon_argv(share: Share, fd: int) -> list[str]:
             "--shared-dir",
             str(share.host_dir),
         ]
+        if share.readonly:
+            argv.append("--readonly")
+        return [*argv, *share.daemon_args]
+    if share.backend == "rust-virtiofsd":
+        from pyvirtiofsd.bench.peers import rust_virtiofsd  # debootstraps it on first use
+
+        argv = [*rust_virtiofsd().prefix(), "--fd", str(fd), "--shared-dir",
+                str(share.host_dir), "--thread-pool-size", "0"]  # fmt: skip
         if share.readonly:
             argv.append("--readonly")
         return [*argv, *share.daemon_args]

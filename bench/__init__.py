@@ -1,0 +1,1 @@
+"""Benchmarks: the daemon alone over its vhost-user socket, and (in ``vm/bench.py``) the guest."""
