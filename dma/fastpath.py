@@ -37,6 +37,7 @@ class FastPathStats(NamedTuple):
     getattr: int
     read: int
     write: int
+    lookup: int
     busy_now: int
     busy_max: int
 
@@ -61,13 +62,24 @@ class FastPath:
         return self._fs
 
     def configure(
-        self, *, attr_valid: tuple[int, int], readonly: bool, switch_creds: bool
+        self,
+        *,
+        attr_valid: tuple[int, int],
+        entry_valid: tuple[int, int],
+        readonly: bool,
+        switch_creds: bool,
+        announce_submounts: bool,
     ) -> None:
-        """Settings the in-place handlers apply (attr timeout as (sec, nsec))."""
-        sec, nsec = attr_valid
-        lib.pvd_fs_configure(
-            self._fs, _u64("attr_valid", sec), nsec, int(readonly), int(switch_creds)
-        )
+        """Settings the in-place handlers apply (timeouts as (sec, nsec))."""
+        st = ffi.new("struct pvd_fs_settings *")
+        st.attr_valid = _u64("attr_valid", attr_valid[0])
+        st.attr_valid_nsec = attr_valid[1]
+        st.entry_valid = _u64("entry_valid", entry_valid[0])
+        st.entry_valid_nsec = entry_valid[1]
+        st.readonly = int(readonly)
+        st.switch_creds = int(switch_creds)
+        st.announce_submounts = int(announce_submounts)
+        lib.pvd_fs_configure(self._fs, st)
 
     @property
     def ready(self) -> bool:
@@ -78,8 +90,8 @@ class FastPath:
         self._ready = bool(value)
         lib.pvd_fs_set_ready(self._fs, int(value))
 
-    def _publish(self, table: int, key: int, fd: int, kind: int) -> None:
-        rc = lib.pvd_fs_publish(self._fs, table, _u64("key", key), fd, kind)
+    @staticmethod
+    def _published(rc: int, key: int) -> None:
         if rc == lib.PVD_E_NOMEM:
             raise MemoryError(f"publish {key}: {strerror(rc)}")
         if rc:  # a duplicate key or a bad fd: the caller's bug
@@ -88,18 +100,39 @@ class FastPath:
     def _retire(self, table: int, key: int) -> bool:
         return bool(lib.pvd_fs_retire(self._fs, table, _u64("key", key)) == 0)
 
-    def publish_inode(self, nodeid: int, fd: int) -> None:
-        """``nodeid``'s O_PATH fd; the mirror closes it from now on."""
-        self._publish(lib.PVD_FS_INODES, nodeid, fd, lib.PVD_KIND_INODE)
+    def publish_inode(self, nodeid: int, fd: int, dev: int, ino: int) -> None:
+        """``nodeid``'s O_PATH fd and host identity; the mirror closes the fd from now on."""
+        rc = lib.pvd_fs_publish_inode(
+            self._fs, _u64("nodeid", nodeid), fd, _u64("dev", dev), _u64("ino", ino)
+        )
+        self._published(rc, nodeid)
 
     def retire_inode(self, nodeid: int) -> bool:
         """Unpublish; the fd is closed once unused.  False: was not published."""
         return self._retire(lib.PVD_FS_INODES, nodeid)
 
+    def settle(self, nodeid: int, count: int, forget: int, *, keep: bool = False) -> int | None:
+        """Python's lookup count of ``nodeid`` after forgetting ``forget``, with the
+        lookups answered in place folded in (they are reset).
+
+        At 0 (and not ``keep``) the inode is hidden from the fast path at once;
+        Python must then drop it.  None: ``nodeid`` is not published.
+        """
+        total = ffi.new("uint64_t *")
+        found = lib.pvd_fs_settle(
+            self._fs, _u64("nodeid", nodeid), _u64("count", count), _u64("forget", forget),
+            int(keep), total,
+        )  # fmt: skip
+        return int(total[0]) if found else None
+
+    def credits(self, nodeid: int) -> int:
+        """Lookups of ``nodeid`` answered in place and not yet settled."""
+        return int(lib.pvd_fs_credits(self._fs, _u64("nodeid", nodeid)))
+
     def publish_handle(self, fh: int, fd: int, *, directory: bool) -> None:
         """Open file or directory ``fh``; only files are read and written in place."""
         kind = lib.PVD_KIND_DIR if directory else lib.PVD_KIND_FILE
-        self._publish(lib.PVD_FS_HANDLES, fh, fd, kind)
+        self._published(lib.pvd_fs_publish_handle(self._fs, _u64("fh", fh), fd, kind), fh)
 
     def retire_handle(self, fh: int) -> bool:
         return self._retire(lib.PVD_FS_HANDLES, fh)
@@ -113,6 +146,7 @@ class FastPath:
             int(out.getattr),
             int(out.read),
             int(out.write),
+            int(out.lookup),
             int(out.busy_now),
             int(out.busy_max),
         )

@@ -110,7 +110,13 @@ class FastPathMirror(FdMirror, Protocol):
     """What :meth:`PassthroughFs.attach_fast_path` needs (a :class:`~pyvirtiofsd.dma.FastPath`)."""
 
     def configure(
-        self, *, attr_valid: tuple[int, int], readonly: bool, switch_creds: bool
+        self,
+        *,
+        attr_valid: tuple[int, int],
+        entry_valid: tuple[int, int],
+        readonly: bool,
+        switch_creds: bool,
+        announce_submounts: bool,
     ) -> None: ...
 
 
@@ -267,7 +273,11 @@ class PassthroughFs:
             raise ValueError("max_dir_handles must be at least 1")
         self._dir_budget = _Budget(max_dir_handles)
         self.locks = locks.LockManager(
-            self._reopen, readonly=readonly, per_inode=lock_fds_per_inode, total=lock_fds
+            self._reopen,
+            fdinfo=self._fdinfo,
+            readonly=readonly,
+            per_inode=lock_fds_per_inode,
+            total=lock_fds,
         )
         self._proc_fd = procfs.open_proc_self_fd()  # the sandbox may have no /proc
         try:
@@ -287,8 +297,10 @@ class PassthroughFs:
         """
         fast.configure(
             attr_valid=self.attr_timeout,
+            entry_valid=self.entry_timeout,
             readonly=self.readonly,
             switch_creds=oscalls.switching_enabled(),
+            announce_submounts=self.announce_submounts,
         )
         self.inodes.attach_mirror(fast)
         self.handles.attach_mirror(fast)
@@ -304,6 +316,17 @@ class PassthroughFs:
     def _reopen(self, fd: int, flags: int) -> int:
         """A real fd for the inode an O_PATH fd holds (via /proc/self/fd/N)."""
         return os.open(str(fd), flags | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=self._proc_fd)
+
+    def _fdinfo(self, fd: int) -> bytes:
+        """``/proc/self/fdinfo/N`` through the proc fd: the sandbox has no /proc path."""
+        info = os.open(f"../fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            chunks = []
+            while chunk := os.read(info, 1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(info)
 
     def _open_inode(self, fd: int, flags: int) -> int:
         """``_reopen`` for OPEN: with writeback, O_WRONLY becomes O_RDWR if allowed."""

@@ -45,12 +45,18 @@ class FdMirror(Protocol):
 
     A published fd is closed by the mirror: the entry retires it instead of
     closing it.  ``retire_*`` returns False when the key was not published
-    (the caller then still owns the fd).
+    (the caller then still owns the fd).  LOOKUPs of known inodes answered
+    in place are counted by the mirror as *credits*; the table folds them
+    into ``nlookup`` (``settle``) whenever it decides about an inode's life.
     """
 
-    def publish_inode(self, nodeid: int, fd: int) -> None: ...
+    def publish_inode(self, nodeid: int, fd: int, dev: int, ino: int) -> None: ...
 
     def retire_inode(self, nodeid: int) -> bool: ...
+
+    def settle(self, nodeid: int, count: int, forget: int, *, keep: bool = False) -> int | None: ...
+
+    def credits(self, nodeid: int) -> int: ...
 
     def publish_handle(self, fh: int, fd: int, *, directory: bool) -> None: ...
 
@@ -184,7 +190,7 @@ class InodeTable(_PinnedTable[Inode]):
         if mirror is None:
             return
         try:
-            mirror.publish_inode(key, entry.fd)
+            mirror.publish_inode(key, entry.fd, entry.key[0], entry.key[1])
         except (OSError, MemoryError, ValueError) as exc:  # stays Python's: served there
             _log.warning("inode %d not published to the fast path: %s", key, exc)
             return
@@ -216,7 +222,14 @@ class InodeTable(_PinnedTable[Inode]):
             inode = self._entries.get(nodeid)
             if inode is None:
                 return
-            inode.nlookup = max(inode.nlookup - nlookup, 0)
+            settled = None
+            if inode._retire is not None and self._mirror is not None:
+                # Lookups the fast path answered count too; at 0 the mirror
+                # has already hidden the inode, so none can be added now.
+                settled = self._mirror.settle(
+                    nodeid, inode.nlookup, nlookup, keep=inode is self.root
+                )
+            inode.nlookup = max(inode.nlookup - nlookup, 0) if settled is None else settled
             if inode.nlookup or inode is self.root:
                 return
             del self._entries[nodeid]
@@ -229,7 +242,12 @@ class InodeTable(_PinnedTable[Inode]):
         """Current lookup count of ``nodeid`` (0 if unknown); for tests and debugging."""
         with self._lock:
             inode = self._entries.get(nodeid)
-            return 0 if inode is None else inode.nlookup
+            if inode is None:
+                return 0
+            credits = 0
+            if inode._retire is not None and self._mirror is not None:
+                credits = self._mirror.credits(nodeid)
+            return inode.nlookup + credits
 
     def clear(self) -> None:
         """Forget everything but the root (DESTROY)."""

@@ -204,22 +204,45 @@ uint32_t pvd_slowq_len(struct pvd_slowq *q);
 #define PVD_KIND_DIR 2
 
 struct pvd_fs_stats {
-	uint64_t inodes, handles;      /* entries published now */
-	uint64_t getattr, read, write; /* requests answered in place */
-	uint32_t busy_now, busy_max;   /* queue runners serving at once: now / most */
+	uint64_t inodes, handles;              /* entries published now */
+	uint64_t getattr, read, write, lookup; /* requests answered in place */
+	uint32_t busy_now, busy_max;           /* queue runners serving at once: now / most */
+};
+
+/* What the in-place handlers answer with (PassthroughFs's settings). */
+struct pvd_fs_settings {
+	uint64_t attr_valid, entry_valid;
+	uint32_t attr_valid_nsec, entry_valid_nsec;
+	int readonly, switch_creds, announce_submounts;
 };
 
 struct pvd_fs *pvd_fs_new(void);
 /* Closes every fd still published. */
 void pvd_fs_free(struct pvd_fs *fs);
-void pvd_fs_configure(struct pvd_fs *fs, uint64_t attr_valid, uint32_t attr_valid_nsec,
-		      int readonly, int switch_creds);
+void pvd_fs_configure(struct pvd_fs *fs, const struct pvd_fs_settings *st);
 /* Requests are served in place only while ready (the FUSE session is initialised). */
 void pvd_fs_set_ready(struct pvd_fs *fs, int ready);
-/* PVD_E_INVAL for a duplicate key or a bad table/fd, PVD_E_NOMEM. */
-int pvd_fs_publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t kind);
-/* PVD_E_NOT_FOUND when key is not published (the caller still owns nothing). */
+/*
+ * Publish inode nodeid (its O_PATH fd and host identity) or handle fh (kind
+ * FILE or DIR).  PVD_E_INVAL for a duplicate key or a bad fd/kind,
+ * PVD_E_NOMEM.
+ */
+int pvd_fs_publish_inode(struct pvd_fs *fs, uint64_t nodeid, int fd, uint64_t dev, uint64_t ino);
+int pvd_fs_publish_handle(struct pvd_fs *fs, uint64_t fh, int fd, uint32_t kind);
+/* PVD_E_NOT_FOUND when key is not published (the caller still owns the fd). */
 int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key);
+/*
+ * LOOKUP counts.  A LOOKUP answered in place credits its inode here before
+ * the reply is published; Python folds the credits into its own count
+ * whenever it decides about the inode's life: *total = count + credits -
+ * forget (at least 0), credits reset.  At 0 (unless keep) the inode is
+ * hidden at once: no in-place request can use or credit it again, and it
+ * awaits Python's retire.  Returns 0 when nodeid is not published.
+ */
+int pvd_fs_settle(struct pvd_fs *fs, uint64_t nodeid, uint64_t count, uint64_t forget,
+		  int keep, uint64_t *total);
+/* Credits not yet settled (tests, nlookup introspection). */
+uint64_t pvd_fs_credits(struct pvd_fs *fs, uint64_t nodeid);
 uint64_t pvd_fs_count(struct pvd_fs *fs, int table);
 void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out);
 void pvd_fs_reset_busy_max(struct pvd_fs *fs);

@@ -42,6 +42,7 @@
 #include "internal.h"
 
 /* include/uapi/linux/fuse.h */
+#define FUSE_LOOKUP 1
 #define FUSE_GETATTR 3
 #define FUSE_READ 15
 #define FUSE_WRITE 16
@@ -53,6 +54,9 @@
 #define READ_IN_SIZE 40
 #define WRITE_IN_SIZE 40
 #define ATTR_OUT_SIZE 104
+#define ENTRY_OUT_SIZE 128
+#define FUSE_ATTR_SUBMOUNT (1u << 0)
+#define NAME_MAX_LEN 255
 #define WRITE_OUT_SIZE 8
 /* session.py MAX_BODY: larger bodies are refused by Python (with a log line) */
 #define MAX_BODY ((1u << 16) + 2 * 4096 + 256)
@@ -66,7 +70,22 @@ struct entry {
 	uint32_t kind;
 	uint32_t refs; /* fast-path users right now */
 	int dead;      /* retired: unlinked from the map, closed at refs == 0 */
+	int hidden;    /* inode settled to zero lookups: no new users, awaiting retire */
+	uint64_t dev, ino;  /* inodes: the host inode, for LOOKUP */
+	uint64_t credits;   /* inodes: lookups answered in place, not yet settled */
 	struct entry *next;
+};
+
+/* (st_dev, st_ino) -> nodeid, for LOOKUP hits; inodes only. */
+struct ident {
+	uint64_t dev, ino, nodeid;
+	struct ident *next;
+};
+
+struct ishard {
+	pthread_mutex_t lock;
+	struct ident **buckets;
+	uint32_t nbuckets, count;
 };
 
 struct shard {
@@ -78,14 +97,16 @@ struct shard {
 
 struct pvd_fs {
 	struct shard tables[2][SHARDS];
+	struct ishard idents[SHARDS];
 	atomic_int ready;
 	/* settings (pvd_fs_configure); written before ready is set */
-	uint64_t attr_valid;
-	uint32_t attr_valid_nsec;
+	uint64_t attr_valid, entry_valid;
+	uint32_t attr_valid_nsec, entry_valid_nsec;
 	int readonly;
 	int switch_creds;
+	int announce_submounts;
 	/* statistics */
-	atomic_uint_fast64_t served[3]; /* GETATTR, READ, WRITE */
+	atomic_uint_fast64_t served[4]; /* GETATTR, READ, WRITE, LOOKUP */
 	atomic_int busy, busy_max;
 };
 
@@ -114,6 +135,16 @@ struct pvd_fs *pvd_fs_new(void)
 	struct pvd_fs *fs = calloc(1, sizeof(*fs));
 	if (!fs)
 		return NULL;
+	for (int i = 0; i < SHARDS; i++) {
+		struct ishard *s = &fs->idents[i];
+		pthread_mutex_init(&s->lock, NULL);
+		s->nbuckets = 16;
+		s->buckets = calloc(s->nbuckets, sizeof(*s->buckets));
+		if (!s->buckets) {
+			pvd_fs_free(fs);
+			return NULL;
+		}
+	}
 	for (int t = 0; t < 2; t++) {
 		for (int i = 0; i < SHARDS; i++) {
 			struct shard *s = &fs->tables[t][i];
@@ -149,16 +180,31 @@ void pvd_fs_free(struct pvd_fs *fs)
 			pthread_mutex_destroy(&s->lock);
 		}
 	}
+	for (int i = 0; i < SHARDS; i++) {
+		struct ishard *s = &fs->idents[i];
+		for (uint32_t b = 0; s->buckets && b < s->nbuckets; b++) {
+			struct ident *x = s->buckets[b];
+			while (x) {
+				struct ident *n = x->next;
+				free(x);
+				x = n;
+			}
+		}
+		free(s->buckets);
+		pthread_mutex_destroy(&s->lock);
+	}
 	free(fs);
 }
 
-void pvd_fs_configure(struct pvd_fs *fs, uint64_t attr_valid, uint32_t attr_valid_nsec,
-		      int readonly, int switch_creds)
+void pvd_fs_configure(struct pvd_fs *fs, const struct pvd_fs_settings *st)
 {
-	fs->attr_valid = attr_valid;
-	fs->attr_valid_nsec = attr_valid_nsec;
-	fs->readonly = !!readonly;
-	fs->switch_creds = !!switch_creds;
+	fs->attr_valid = st->attr_valid;
+	fs->attr_valid_nsec = st->attr_valid_nsec;
+	fs->entry_valid = st->entry_valid;
+	fs->entry_valid_nsec = st->entry_valid_nsec;
+	fs->readonly = !!st->readonly;
+	fs->switch_creds = !!st->switch_creds;
+	fs->announce_submounts = !!st->announce_submounts;
 }
 
 void pvd_fs_set_ready(struct pvd_fs *fs, int ready)
@@ -191,20 +237,97 @@ static void maybe_grow(struct shard *s)
 	s->nbuckets = n;
 }
 
-int pvd_fs_publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t kind)
+static uint64_t ident_hash(uint64_t dev, uint64_t ino)
+{
+	return mix(ino ^ (dev * 0x9e3779b97f4a7c15ULL));
+}
+
+static struct ishard *ishard_of(struct pvd_fs *fs, uint64_t dev, uint64_t ino)
+{
+	return &fs->idents[ident_hash(dev, ino) & (SHARDS - 1)];
+}
+
+static struct ident **islot(struct ishard *s, uint64_t dev, uint64_t ino)
+{
+	return &s->buckets[(ident_hash(dev, ino) >> 8) & (s->nbuckets - 1)];
+}
+
+/* Lock held.  As maybe_grow, for the ident index. */
+static void maybe_grow_idents(struct ishard *s)
+{
+	if (s->count < 2 * s->nbuckets)
+		return;
+	uint32_t n = s->nbuckets * 2;
+	struct ident **nb = calloc(n, sizeof(*nb));
+	if (!nb)
+		return;
+	for (uint32_t b = 0; b < s->nbuckets; b++) {
+		struct ident *x = s->buckets[b];
+		while (x) {
+			struct ident *next = x->next;
+			struct ident **h = &nb[(ident_hash(x->dev, x->ino) >> 8) & (n - 1)];
+			x->next = *h;
+			*h = x;
+			x = next;
+		}
+	}
+	free(s->buckets);
+	s->buckets = nb;
+	s->nbuckets = n;
+}
+
+static void ident_remove(struct pvd_fs *fs, uint64_t dev, uint64_t ino, uint64_t nodeid)
+{
+	struct ishard *s = ishard_of(fs, dev, ino);
+	pthread_mutex_lock(&s->lock);
+	for (struct ident **p = islot(s, dev, ino); *p; p = &(*p)->next) {
+		struct ident *x = *p;
+		if (x->dev == dev && x->ino == ino && x->nodeid == nodeid) {
+			*p = x->next;
+			s->count--;
+			free(x);
+			break;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* The nodeid published for (dev, ino), or 0. */
+static uint64_t ident_find(struct pvd_fs *fs, uint64_t dev, uint64_t ino)
+{
+	struct ishard *s = ishard_of(fs, dev, ino);
+	uint64_t nodeid = 0;
+	pthread_mutex_lock(&s->lock);
+	for (struct ident *x = *islot(s, dev, ino); x; x = x->next) {
+		if (x->dev == dev && x->ino == ino) {
+			nodeid = x->nodeid;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&s->lock);
+	return nodeid;
+}
+
+static int publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t kind,
+		   uint64_t dev, uint64_t ino)
 {
 	if (table < 0 || table > 1 || fd < 0)
 		return PVD_E_INVAL;
 	struct shard *s = shard_of(fs, table, key);
 	struct entry *e = malloc(sizeof(*e));
-	if (!e)
+	struct ident *x = table == PVD_FS_INODES ? malloc(sizeof(*x)) : NULL;
+	if (!e || (table == PVD_FS_INODES && !x)) {
+		free(e);
+		free(x);
 		return PVD_E_NOMEM;
-	*e = (struct entry){ .key = key, .fd = fd, .kind = kind };
+	}
+	*e = (struct entry){ .key = key, .fd = fd, .kind = kind, .dev = dev, .ino = ino };
 	pthread_mutex_lock(&s->lock);
-	for (struct entry *x = *slot(s, key); x; x = x->next) {
-		if (x->key == key) {
+	for (struct entry *y = *slot(s, key); y; y = y->next) {
+		if (y->key == key) {
 			pthread_mutex_unlock(&s->lock);
 			free(e);
+			free(x);
 			return PVD_E_INVAL; /* ids are never reused: a duplicate is our bug */
 		}
 	}
@@ -214,7 +337,72 @@ int pvd_fs_publish(struct pvd_fs *fs, int table, uint64_t key, int fd, uint32_t 
 	*h = e;
 	s->count++;
 	pthread_mutex_unlock(&s->lock);
+	if (x) {
+		/* After the entry: a LOOKUP that finds the ident finds the entry too. */
+		struct ishard *is = ishard_of(fs, dev, ino);
+		*x = (struct ident){ .dev = dev, .ino = ino, .nodeid = key };
+		pthread_mutex_lock(&is->lock);
+		maybe_grow_idents(is);
+		struct ident **ih = islot(is, dev, ino);
+		x->next = *ih;
+		*ih = x;
+		is->count++;
+		pthread_mutex_unlock(&is->lock);
+	}
 	return PVD_OK;
+}
+
+int pvd_fs_publish_inode(struct pvd_fs *fs, uint64_t nodeid, int fd, uint64_t dev, uint64_t ino)
+{
+	return publish(fs, PVD_FS_INODES, nodeid, fd, PVD_KIND_INODE, dev, ino);
+}
+
+int pvd_fs_publish_handle(struct pvd_fs *fs, uint64_t fh, int fd, uint32_t kind)
+{
+	if (kind != PVD_KIND_FILE && kind != PVD_KIND_DIR)
+		return PVD_E_INVAL;
+	return publish(fs, PVD_FS_HANDLES, fh, fd, kind, 0, 0);
+}
+
+int pvd_fs_settle(struct pvd_fs *fs, uint64_t nodeid, uint64_t count, uint64_t forget,
+		  int keep, uint64_t *total)
+{
+	struct shard *s = shard_of(fs, PVD_FS_INODES, nodeid);
+	int found = 0, unlink_ident = 0;
+	uint64_t dev = 0, ino = 0;
+	pthread_mutex_lock(&s->lock);
+	struct entry *e = *slot(s, nodeid);
+	while (e && e->key != nodeid)
+		e = e->next;
+	if (e && !e->hidden) {
+		uint64_t have = count + e->credits;
+		*total = have > forget ? have - forget : 0;
+		e->credits = 0;
+		if (*total == 0 && !keep) {
+			/* No lookup can credit it any more: it dies with Python's entry. */
+			e->hidden = 1;
+			unlink_ident = 1;
+			dev = e->dev;
+			ino = e->ino;
+		}
+		found = 1;
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (unlink_ident)
+		ident_remove(fs, dev, ino, nodeid);
+	return found;
+}
+
+uint64_t pvd_fs_credits(struct pvd_fs *fs, uint64_t nodeid)
+{
+	struct shard *s = shard_of(fs, PVD_FS_INODES, nodeid);
+	uint64_t n = 0;
+	pthread_mutex_lock(&s->lock);
+	for (struct entry *e = *slot(s, nodeid); e; e = e->next)
+		if (e->key == nodeid)
+			n = e->credits;
+	pthread_mutex_unlock(&s->lock);
+	return n;
 }
 
 int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
@@ -234,6 +422,8 @@ int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
 	}
 	*p = e->next;
 	s->count--;
+	int unlink_ident = table == PVD_FS_INODES && !e->hidden;
+	uint64_t dev = e->dev, ino = e->ino;
 	if (e->refs == 0) {
 		close_fd = e->fd;
 		free(e);
@@ -241,6 +431,8 @@ int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
 		e->dead = 1; /* the last fast-path user closes it (entry_put) */
 	}
 	pthread_mutex_unlock(&s->lock);
+	if (unlink_ident)
+		ident_remove(fs, dev, ino, key);
 	if (close_fd >= 0)
 		close(close_fd);
 	return PVD_OK;
@@ -267,6 +459,7 @@ void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out)
 	out->getattr = atomic_load(&fs->served[0]);
 	out->read = atomic_load(&fs->served[1]);
 	out->write = atomic_load(&fs->served[2]);
+	out->lookup = atomic_load(&fs->served[3]);
 	out->busy_now = (uint32_t)atomic_load(&fs->busy);
 	out->busy_max = (uint32_t)atomic_load(&fs->busy_max);
 }
@@ -297,6 +490,8 @@ static struct entry *entry_get(struct pvd_fs *fs, int table, uint64_t key)
 	struct entry *e = *slot(s, key);
 	while (e && e->key != key)
 		e = e->next;
+	if (e && e->hidden)
+		e = NULL;
 	if (e)
 		e->refs++;
 	pthread_mutex_unlock(&s->lock);
@@ -543,6 +738,92 @@ static int fast_write(struct pvd_fs *fs, const struct pvd_req *r, const struct i
 	return 1;
 }
 
+/* Credit one in-place lookup to nodeid if it is still live for (dev, ino). */
+static int credit_lookup(struct pvd_fs *fs, uint64_t nodeid, uint64_t dev, uint64_t ino)
+{
+	struct shard *s = shard_of(fs, PVD_FS_INODES, nodeid);
+	int ok = 0;
+	pthread_mutex_lock(&s->lock);
+	struct entry *e = *slot(s, nodeid);
+	while (e && e->key != nodeid)
+		e = e->next;
+	if (e && !e->hidden && e->dev == dev && e->ino == ino) {
+		e->credits++;
+		ok = 1;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return ok;
+}
+
+/*
+ * LOOKUP of a name whose inode the guest already knows (a "hit"), or that
+ * does not exist: filesystem.py lookup() / _lookup_at().  The new O_PATH fd
+ * is closed again, as InodeTable.add_lookup does for a known inode; the
+ * lookup is credited to the inode in the mirror (pvd_fs_settle), *before*
+ * the reply can reach the guest, so Python counts it before any FORGET of
+ * it.  A new inode goes to Python, which owns the table.
+ */
+static int fast_lookup(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+		       uint32_t *used)
+{
+	char name[NAME_MAX_LEN + 2];
+	uint64_t body = h->len - IN_HEADER_SIZE;
+	if (body < 2 || body > NAME_MAX_LEN + 1 || r->wlen < OUT_HEADER_SIZE + ENTRY_OUT_SIZE)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, name, body);
+	/* exactly one NUL, at the end; not "", ".", ".." or containing '/' */
+	if (name[body - 1] != 0 || memchr(name, 0, body - 1) || memchr(name, '/', body - 1))
+		return 0;
+	if ((body == 2 && name[0] == '.') || (body == 3 && name[0] == '.' && name[1] == '.'))
+		return 0;
+	struct entry *parent = entry_get(fs, PVD_FS_INODES, h->nodeid);
+	if (!parent)
+		return 0;
+	int fd = openat(parent->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		int err = errno;
+		entry_put(fs, PVD_FS_INODES, parent);
+		*used = reply_errno(r, h->unique, err);
+		atomic_fetch_add_explicit(&fs->served[3], 1, memory_order_relaxed);
+		return 1;
+	}
+	struct stat st, pst;
+	int rc = fstat(fd, &st);
+	int err = errno;
+	close(fd);
+	int submount = 0;
+	if (rc == 0 && fs->announce_submounts && S_ISDIR(st.st_mode)) {
+		if (fstat(parent->fd, &pst) != 0) {
+			entry_put(fs, PVD_FS_INODES, parent);
+			return 0;
+		}
+		submount = st.st_dev != pst.st_dev;
+	}
+	entry_put(fs, PVD_FS_INODES, parent);
+	if (rc < 0) {
+		*used = reply_errno(r, h->unique, err);
+		atomic_fetch_add_explicit(&fs->served[3], 1, memory_order_relaxed);
+		return 1;
+	}
+	uint64_t nodeid = ident_find(fs, st.st_dev, st.st_ino);
+	if (!nodeid || !credit_lookup(fs, nodeid, st.st_dev, st.st_ino))
+		return 0; /* a new inode: Python adds it to the table */
+	uint8_t out[ENTRY_OUT_SIZE];
+	put64(out, nodeid);
+	put64(out + 8, 0); /* generation: node ids are never reused */
+	put64(out + 16, fs->entry_valid);
+	put64(out + 24, fs->attr_valid);
+	put32(out + 32, fs->entry_valid_nsec);
+	put32(out + 36, fs->attr_valid_nsec);
+	encode_attr(out + 40, &st);
+	if (submount)
+		put32(out + 40 + 84, FUSE_ATTR_SUBMOUNT);
+	write_reply(r, OUT_HEADER_SIZE, out, sizeof(out));
+	*used = reply_header(r, h->unique, 0, ENTRY_OUT_SIZE);
+	atomic_fetch_add_explicit(&fs->served[3], 1, memory_order_relaxed);
+	return 1;
+}
+
 int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used,
 		    uint32_t *opcode, uint64_t *unique)
 {
@@ -569,6 +850,8 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 	if (h.opcode != FUSE_WRITE && h.len - IN_HEADER_SIZE > MAX_BODY)
 		return 0;
 	switch (h.opcode) {
+	case FUSE_LOOKUP:
+		return fast_lookup(fs, req, &h, used);
 	case FUSE_GETATTR:
 		return fast_getattr(fs, req, &h, used);
 	case FUSE_READ:

@@ -55,7 +55,11 @@ def fast(rig: Rig) -> FastPath:
 
 async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
                     writable: list[int] | None = None) -> tuple[int, bytes]:  # fmt: skip
-    """The same request answered by the fast path, then by Python: identical replies."""
+    """The same request answered by the fast path, then by Python: identical replies.
+
+    Returns the error and a bytes object as long as the number of requests
+    the fast path answered (0 or 1).
+    """
     fp = fast(rig)
     before = fp.stats()
     in_c = await rig.fuse(opcode, nodeid, body, writable)
@@ -65,9 +69,11 @@ async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
         in_python = await rig.fuse(opcode, nodeid, body, writable)
     finally:
         fp.ready = True
-    assert fp.stats()[2:5] == after[2:5]  # Python's answer did not come from C
+    served = slice(2, 6)  # getattr, read, write, lookup answered in place
+    assert fp.stats()[served] == after[served]  # Python's answer did not come from C
     assert in_c == in_python
-    return in_c[0], bytes(after[2] - before[2] + after[3] - before[3] + after[4] - before[4])
+    in_place = sum(after[served]) - sum(before[served])
+    return in_c[0], bytes(in_place)
 
 
 async def test_fast_path_answers_exactly_as_python(tmp_path: Path) -> None:
@@ -207,7 +213,7 @@ async def test_runner_failure_is_signalled_on_the_err_eventfd(tmp_path: Path) ->
         assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
         err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            await rig.fe.set_vring_err(1, os.dup(err_fd))
+            assert await rig.fe.set_vring_err(1, os.dup(err_fd), need_reply=True) == 0
             dev = rig.devices[0]
 
             def broken(chain: object) -> None:
@@ -269,9 +275,10 @@ async def test_destroy_leaks_no_fd_through_the_mirror(tmp_path: Path) -> None:
 def test_mirror_closes_a_retired_fd_and_refuses_duplicates(tmp_path: Path) -> None:
     fp = FastPath()
     fd = os.open(tmp_path, os.O_PATH)
-    fp.publish_inode(5, fd)
+    st = os.fstat(fd)
+    fp.publish_inode(5, fd, st.st_dev, st.st_ino)
     with pytest.raises(ValueError):
-        fp.publish_inode(5, fd)
+        fp.publish_inode(5, fd, st.st_dev, st.st_ino)
     assert fp.stats().inodes == 1
     assert fp.retire_inode(5) is True
     with pytest.raises(OSError) as info:
@@ -287,3 +294,109 @@ def test_mirror_closes_a_retired_fd_and_refuses_duplicates(tmp_path: Path) -> No
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd2)
+
+
+async def test_hostile_chains_fail_alone_with_many_in_flight(tmp_path: Path) -> None:
+    """Good requests (in place and in Python) and hostile chains all in flight at once."""
+    from tests.support.splitq import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+    async with running_device(tmp_path) as rig:
+        nodeid, fh = await setup_file(rig)
+        q = rig.q
+        data = bytes(range(256)) * 40
+        expect: dict[int, tuple[str, int]] = {}  # head -> (kind, offset)
+        for i in range(30):
+            rig.unique += 1
+            kind = ("getattr", "read", "lookup")[i % 3]
+            if kind == "getattr":
+                req = request(GETATTR, nodeid, bytes(16), unique=rig.unique)
+            elif kind == "read":
+                req = request(READ, nodeid, read_body(fh, 7 * i, 64), unique=rig.unique)
+            else:
+                req = request(LOOKUP, 1, name_body(b"file.bin"), unique=rig.unique)
+            head = q.add_chain([req], [4096], indirect=True, publish=False)
+            expect[head] = (kind, 7 * i)
+        good = q.alloc_data(request(GETATTR, 1, bytes(16)))
+        out = q.alloc(4096)
+        nxt, wr = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+        hostile = {
+            58: [(58, good, 56, nxt, 59), (59, out, 4096, wr | nxt, 58)],  # loop
+            60: [(60, 8 << 20, 64, 0, 0)],  # outside guest memory
+            61: [(61, good, 56, nxt, 200)],  # next out of range
+            62: [(62, out, 4096, wr | nxt, 63), (63, good, 56, 0, 0)],  # readable after writable
+        }
+        for descs in hostile.values():
+            for i, a, n, f, nx in descs:
+                q.write_desc(i, a, n, f, nx)
+        # interleave them in the avail ring, then one kick for everything
+        heads = list(expect)
+        order = [*heads[:10], 58, *heads[10:20], 60, 61, *heads[20:], 62]
+        for head in order:
+            q.publish(head)
+        os.eventfd_write(rig.kick, 1)
+        used: dict[int, int] = {}
+        with trio.fail_after(10):
+            while len(used) < len(order):
+                await trio.lowlevel.wait_readable(rig.call)
+                os.eventfd_read(rig.call)
+                used.update(q.collect_used())
+        for head in hostile:
+            assert used[head] == 0
+        for head, (kind, off) in expect.items():
+            reply = q.writable_data(head)[: used[head]]
+            length, error, _unique = struct.unpack_from("<IiQ", reply)
+            assert error == 0 and length == used[head], kind
+            if kind == "read":
+                assert reply[16:] == data[off : off + 64]
+            elif kind == "lookup":
+                assert parse_entry(reply[16:]).nodeid == nodeid
+        stats = rig.devices[0]._rings[1].vq.stats()
+        assert stats.defects == 4 and stats.fast >= 20
+        assert (await rig.fuse(GETATTR, 1, bytes(16)))[0] == 0
+
+
+async def test_lookup_hits_are_answered_in_place_and_counted(tmp_path: Path) -> None:
+    FORGET = 2
+    async with running_device(tmp_path) as rig:
+        nodeid, _fh = await setup_file(rig)  # the first LOOKUP (a miss) was Python's
+        dev = rig.devices[0]
+        inodes = dev.session.fs.inodes
+        assert inodes.nlookup(nodeid) == 1
+        before = fast(rig).stats().lookup
+        # a hit: in C, the same reply as Python's, and both count
+        err, n = await both_ways(rig, LOOKUP, 1, name_body(b"file.bin"))
+        assert err == 0 and len(n) == 1
+        assert fast(rig).stats().lookup == before + 1
+        assert inodes.nlookup(nodeid) == 3 and fast(rig).credits(nodeid) == 1
+        # a name that does not exist: ENOENT from C, as from Python
+        err, n = await both_ways(rig, LOOKUP, 1, name_body(b"nope"))
+        assert err == -errno.ENOENT and len(n) == 1
+        # names Python must judge: "..", a slash, an unknown parent
+        for node, body in [(1, name_body(b"..")), (1, name_body(b"a/b")), (999, name_body(b"x"))]:
+            err, n = await both_ways(rig, LOOKUP, node, body)
+            assert err < 0 and len(n) == 0, body
+        # three more hits in place, then the guest forgets all 6 lookups
+        for _ in range(3):
+            err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
+            assert err == 0 and parse_entry(payload).nodeid == nodeid
+        assert inodes.nlookup(nodeid) == 6
+        fds = open_fds()
+
+        async def forget(n: int) -> None:  # no reply, but the chain comes back used
+            rig.unique += 1
+            head = rig.q.add_chain([request(FORGET, nodeid, struct.pack("<Q", n),
+                                            unique=rig.unique)], [])  # fmt: skip
+            assert await rig.submit() == [(head, 0)]
+
+        await forget(5)
+        err, _ = await rig.fuse(GETATTR, nodeid, bytes(16))
+        assert err == 0 and inodes.nlookup(nodeid) == 1  # 6 - 5: still there
+        await forget(1)
+        err, _ = await rig.fuse(GETATTR, nodeid, bytes(16))
+        assert err == -errno.EBADF  # forgotten: the fd went with it
+        assert inodes.nlookup(nodeid) == 0 and open_fds() == fds - 1
+        # the next lookup is a miss again: Python, a new node id
+        before = fast(rig).stats().lookup
+        err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
+        assert err == 0 and parse_entry(payload).nodeid > nodeid
+        assert fast(rig).stats().lookup == before

@@ -152,6 +152,8 @@ async def running_device(
             fe.close()
             nursery.cancel_scope.deadline = trio.current_time() + 10
     finally:
+        for device in devices:  # what run_service does: workers joined, every fd closed
+            device.close()
         os.close(kick)
         os.close(call)
         ram.close()
