@@ -18,9 +18,9 @@ lock syscall runs under, the wait loop of SETLKW and the fd budget.
   ``readonly``; so no lock request ever opens a file in a way its guest open
   did not.  GETLK of an owner that holds nothing here asks through the
   handle's fd (which never carries POSIX locks) and opens nothing.  An
-  owner's fd is closed as soon as it holds no lock (after an unlock, a
-  refused attempt, FLUSH/RELEASE of that owner), when its inode dies, and on
-  :meth:`LockManager.reset`.  A cap per inode and one in total bound them:
+  owner's fd is closed as soon as it holds no lock (its fdinfo lists none:
+  after an unlock or a refused attempt), on FLUSH/RELEASE of that owner,
+  when its inode dies, and on :meth:`LockManager.reset`.  A cap per inode and one in total bound them:
   past either a new owner gets ENOLCK.
 * **Concurrency.**  Every ``fcntl``/``flock`` on a lock fd and every close of
   one happens under the manager's condition variable, so no fd number is
@@ -111,14 +111,19 @@ def from_flock(raw: bytes, pid: int = 0) -> FileLock:
     return FileLock(start, end, ltype, pid)
 
 
-def holds_ofd_locks(fd: int) -> bool:
-    """Whether the open file description ``fd`` carries any OFD lock.
-
-    ``/proc/self/fdinfo/N`` lists the locks whose owner is that very file
-    description (fs/locks.c, ``show_fd_locks``), not other ones of the inode.
-    """
+def read_fdinfo(fd: int) -> bytes:
+    """``/proc/self/fdinfo/N`` by path (the filesystem passes one that needs no path)."""
     with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-        return b" OFDLCK " in f.read()
+        return f.read()
+
+
+def holds_ofd_locks(fdinfo: bytes) -> bool:
+    """Whether the open file description an fdinfo text describes carries an OFD lock.
+
+    fdinfo lists the locks whose owner is that very file description
+    (fs/locks.c, ``show_fd_locks``), not other ones of the inode.
+    """
+    return b" OFDLCK " in fdinfo
 
 
 class LockWait:
@@ -174,7 +179,8 @@ class LockManager:
     """Every host-visible lock of one passthrough filesystem (see the module doc).
 
     ``reopen(fd, flags)`` turns a handle's fd into a new open file
-    description of the same file; ``readonly`` makes owner fds read-only
+    description of the same file; ``fdinfo(fd)`` returns its
+    ``/proc/self/fdinfo`` text; ``readonly`` makes owner fds read-only
     whatever the handle; ``per_inode`` and ``total`` cap the owner fds.
     """
 
@@ -182,6 +188,7 @@ class LockManager:
         self,
         reopen: Callable[[int, int], int],
         *,
+        fdinfo: Callable[[int], bytes] = read_fdinfo,
         readonly: bool = False,
         per_inode: int = MAX_OWNER_FDS_PER_INODE,
         total: int = MAX_OWNER_FDS,
@@ -193,6 +200,7 @@ class LockManager:
         if not 0 < poll_min <= poll_max:
             raise ValueError("need 0 < poll_min <= poll_max")
         self._reopen = reopen
+        self._fdinfo = fdinfo
         self.readonly = readonly
         self.per_inode = per_inode
         self.total = total
@@ -325,7 +333,7 @@ class LockManager:
             and entry.users == 0
             and entry.fd >= 0
             and locks.owners.get(owner) is entry
-            and not holds_ofd_locks(entry.fd)
+            and not holds_ofd_locks(self._fdinfo(entry.fd))
         ):
             self._close_owner(locks, owner)
 

@@ -13,6 +13,8 @@ import fcntl
 import os
 import stat
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -609,3 +611,46 @@ def test_destroy_under_concurrent_lock_traffic_leaks_no_fd(root: Path) -> None:
             client.init()
     finally:
         client.session.close()
+
+
+# --- inside a sandbox: no /proc path -----------------------------------------------------
+
+NO_PROC = r"""
+import ctypes, os, struct, sys
+from pyvirtiofsd.daemon import procfs
+from pyvirtiofsd.daemon.fuse.session import FuseSession
+from pyvirtiofsd.daemon.passthrough import PassthroughFs
+from tests.support.fakechain import SETLK, FuseClient, lk_body
+
+procfs.set_proc_self_fd(os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.mount(b"none", b"/proc", b"tmpfs", 0, None) != 0:  # as the sandbox: no /proc path
+    sys.exit(f"mount: {os.strerror(ctypes.get_errno())}")
+assert not os.path.exists("/proc/self")
+fs = PassthroughFs(sys.argv[1], posix_locks=True)
+c = FuseClient(FuseSession(fs))
+c.init()
+f = c.lookup(1, b"hello.txt")
+fh = c.open(f.nodeid, os.O_RDWR)
+assert c.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 9, 1)).ok
+assert c.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 4, 2)).ok, "a partial unlock"
+assert fs.locks.owner_fds == 1, "still holds 5-9"
+reply = c.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 9, 2))
+assert reply.ok, reply.error
+assert fs.locks.owner_fds == 0, "the owner's fd went with its last lock"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a mount namespace (root)")
+def test_owner_fds_are_released_without_a_proc_path(root: Path) -> None:
+    """Inside the sandbox only the proc fd reaches /proc: fdinfo is read through it."""
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", NO_PROC, root],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
