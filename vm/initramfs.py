@@ -27,6 +27,12 @@ from .paths import GUEST_SRC_DIR, build_dir
 
 BUSYBOX = Path("/bin/busybox")
 AGENT_SOURCE = GUEST_SRC_DIR / "agent.c"
+UEVENT_WAIT_SOURCE = GUEST_SRC_DIR / "uevent-wait.c"
+#: Static C programs of the guest: install path -> source.
+GUEST_PROGRAMS = {
+    "sbin/pva-agent": AGENT_SOURCE,
+    "sbin/pva-uevent-wait": UEVENT_WAIT_SOURCE,
+}
 RECIPE_VERSION = "1"
 
 ETC_PASSWD = (
@@ -113,13 +119,13 @@ class CpioWriter:
         return self._out.getvalue()
 
 
-def build_agent(out_dir: Path) -> Path:
-    """Compile the guest agent as a static binary."""
-    out = out_dir / f"pva-agent.{os.getpid()}"
-    cmd = ["cc", "-static", "-Os", "-Wall", "-Wextra", "-o", str(out), str(AGENT_SOURCE)]
+def build_agent(out_dir: Path, source: Path = AGENT_SOURCE) -> Path:
+    """Compile the guest agent (or another guest program) as a static binary."""
+    out = out_dir / f"{source.stem}.{os.getpid()}"
+    cmd = ["cc", "-static", "-Os", "-Wall", "-Wextra", "-o", str(out), str(source)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise InitramfsError(f"building the guest agent failed:\n{r.stderr}")
+        raise InitramfsError(f"building {source.name} for the guest failed:\n{r.stderr}")
     return out
 
 
@@ -131,7 +137,8 @@ def busybox_applets() -> list[str]:
 
 def _key(extra: Sequence[ExtraFile]) -> str:
     h = hashlib.sha256(f"recipe={RECIPE_VERSION}\n".encode())
-    for p in (BUSYBOX, AGENT_SOURCE, GUEST_SRC_DIR / "inittab", GUEST_SRC_DIR / "rc.sysinit"):
+    for p in (BUSYBOX, *GUEST_PROGRAMS.values(), GUEST_SRC_DIR / "inittab",
+              GUEST_SRC_DIR / "rc.sysinit"):  # fmt: skip
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update(Path(__file__).read_bytes())
     for e in extra:
@@ -165,7 +172,7 @@ def build_initramfs(extra_files: Sequence[ExtraFile] = ()) -> Path:
 
 
 def _write_initramfs(root: Path, out: Path, extra_files: Sequence[ExtraFile]) -> None:
-    agent = build_agent(root)
+    programs = {dest: build_agent(root, src) for dest, src in GUEST_PROGRAMS.items()}
 
     cpio = CpioWriter()
     dirs = {
@@ -186,7 +193,7 @@ def _write_initramfs(root: Path, out: Path, extra_files: Sequence[ExtraFile]) ->
         "opt",
     }
     applets = busybox_applets()
-    wanted = [*applets, "sbin/pva-agent", *(e.dest for e in extra_files)]
+    wanted = [*applets, *programs, *(e.dest for e in extra_files)]
     for p in wanted:
         dirs.update(_parents(p))
     for d in sorted(dirs):
@@ -198,8 +205,9 @@ def _write_initramfs(root: Path, out: Path, extra_files: Sequence[ExtraFile]) ->
         if a != "bin/busybox":
             cpio.symlink(a, "/bin/busybox")
     cpio.symlink("init", "/bin/busybox")
-    cpio.file("sbin/pva-agent", agent.read_bytes(), 0o755)
-    agent.unlink()
+    for dest, binary in programs.items():
+        cpio.file(dest, binary.read_bytes(), 0o755)
+        binary.unlink()
     cpio.file("etc/inittab", (GUEST_SRC_DIR / "inittab").read_bytes())
     cpio.file("etc/rc.sysinit", (GUEST_SRC_DIR / "rc.sysinit").read_bytes(), 0o755)
     cpio.file("etc/passwd", ETC_PASSWD.encode())

@@ -34,7 +34,10 @@ from .paths import KERNEL_CONFIG_DIR, build_dir
 #: Guest kernel versions this harness builds, newest first.
 KERNEL_VERSIONS = ("6.12", "6.1")
 #: The version a guest boots unless told otherwise.
-DEFAULT_KERNEL_VERSION = "6.1"
+DEFAULT_KERNEL_VERSION = "6.12"
+#: Versions whose virtio-fs announces a registered tag (Linux 6.9+): a uevent
+#: ACTION=add SUBSYSTEM=virtiofs TAG=<tag>, and /sys/fs/virtiofs/<n>/tag.
+ANNOUNCES_VIRTIOFS_TAGS = frozenset({"6.12"})
 #: Bump when the recipe below changes in a way that changes the output.
 RECIPE_VERSION = "1"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import tempfile
@@ -28,7 +29,12 @@ from .accel import choose_accel
 from .agent import AgentError, CommandResult, GuestAgent
 from .debian import build_debian_root
 from .initramfs import ExtraFile, build_initramfs
-from .kernel import DEFAULT_KERNEL_VERSION, KERNEL_VERSIONS, build_kernel
+from .kernel import (
+    ANNOUNCES_VIRTIOFS_TAGS,
+    DEFAULT_KERNEL_VERSION,
+    KERNEL_VERSIONS,
+    build_kernel,
+)
 from .paths import build_dir
 from .process import ChildProcess
 from .qemu import QEMU_BINARY, MachineSpec, NinePShare, VhostUserFsDevice, qemu_command
@@ -294,15 +300,41 @@ class Machine:
         if self.agent.run(script, timeout=timeout + 10).status != 0:
             raise MachineError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def mount_when_ready(self, share: Share) -> None:
-        """Mount a just hot-plugged share once the guest has bound its device.
+    def mount_when_ready(self, share: Share, timeout: float = 30.0) -> None:
+        """Mount a just hot-plugged share once the guest has registered its tag.
 
-        6.1 publishes no event for "virtio-fs tag registered": retry the mount
-        until the tag is known.
+        Linux 6.9+ announces the tag with a uevent (ACTION=add
+        SUBSYSTEM=virtiofs TAG=<tag>): the guest's ``pva-uevent-wait`` listens
+        first, tries the mount, and retries it only when that event arrives.
+        6.1 announces nothing: retry the mount until the tag is known.
         """
         cmd = share.mount_command()
+        if self.kernel_version in ANNOUNCES_VIRTIOFS_TAGS:
+            r = self.agent.run(
+                shlex.join(
+                    [
+                        "pva-uevent-wait",
+                        "-t",
+                        f"{timeout:g}",
+                        "ACTION=add",
+                        "SUBSYSTEM=virtiofs",
+                        f"TAG={share.tag}",
+                        "--",
+                        "sh",
+                        "-c",
+                        cmd,
+                    ]
+                ),
+                timeout=timeout + 30,
+            )
+            if r.status != 0:
+                raise MachineError(
+                    f"hot-plugged share {share.tag} never became mountable: "
+                    f"{r.stderr.decode(errors='replace').strip()}"
+                )
+            return
         try:
-            self.wait_in_guest(cmd, f"hot-plugged share {share.tag} to become mountable")
+            self.wait_in_guest(cmd, f"hot-plugged share {share.tag} to become mountable", timeout)
         except MachineError as e:
             r = self.agent.run(cmd, timeout=60)  # one last try, for its error message
             if r.status != 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.vm import kernel
-from pyvirtiofsd.vm.initramfs import CpioWriter, InitramfsError
+from pyvirtiofsd.vm.initramfs import UEVENT_WAIT_SOURCE, CpioWriter, InitramfsError, build_agent
 from pyvirtiofsd.vm.shares import Share, daemon_argv, vhost_user_device
 
 
@@ -140,3 +140,25 @@ def test_request_queues_default_to_the_vcpu_count(tmp_path: Path) -> None:
     assert vhost_user_device(pinned, "fs0", tmp_path / "s", cpus=4).num_request_queues == 1
     args = vhost_user_device(s, "f", tmp_path / "s", 4).device_args()
     assert args.endswith(",num-request-queues=4")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_uevent_wait_listens_then_tries_and_times_out_without_the_event(tmp_path: Path) -> None:
+    prog = build_agent(tmp_path, UEVENT_WAIT_SOURCE)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(prog), *args], capture_output=True, text=True, timeout=30)
+
+    marker = tmp_path / "tries"
+    count = f"echo x >> {marker}"
+    # Succeeds at once: one try, no waiting.
+    assert run("-t", "5", "ACTION=add", "--", "sh", "-c", f"{count}; true").returncode == 0
+    assert marker.read_text() == "x\n"
+    # Fails and the event never comes: exit 124 after the timeout, tried once.
+    marker.unlink()
+    r = run("-t", "0.2", "ACTION=add", "TAG=pva-never", "--", "sh", "-c", f"{count}; false")
+    assert r.returncode == 124, r.stderr
+    assert "no uevent with ACTION=add TAG=pva-never within 0.2 s" in r.stderr
+    assert marker.read_text() == "x\n"
+    assert run("ACTION=add").returncode == 2  # no command
+    assert run("NOEQUALS", "--", "true").returncode == 2
