@@ -20,8 +20,8 @@ lock syscall runs under, the wait loop of SETLKW and the fd budget.
   handle's fd (which never carries POSIX locks) and opens nothing.  An
   owner's fd is closed as soon as it holds no lock (its fdinfo lists none:
   after an unlock or a refused attempt), on FLUSH/RELEASE of that owner,
-  when its inode dies, and on :meth:`LockManager.reset`.  A cap per inode and one in total bound them:
-  past either a new owner gets ENOLCK.
+  when its inode dies, and on :meth:`LockManager.reset`.  A cap per inode
+  and one in total bound them: past either a new owner gets ENOLCK.
 * **Concurrency.**  Every ``fcntl``/``flock`` on a lock fd and every close of
   one happens under the manager's condition variable, so no fd number is
   used after it was closed; the syscalls are non-blocking.  Only the reopen
@@ -212,6 +212,7 @@ class LockManager:
         self._waits: set[LockWait] = set()
         self._fds = 0  # owner fds open now
         self._blocked = 0  # waits currently sleeping
+        self.polls = 0  #: times a wait went to sleep (tests, diagnostics)
         self._releases = 0  # bumped by every release through the daemon
         self.epoch = 0  # bumped by every reset
 
@@ -223,10 +224,20 @@ class LockManager:
         with self._cond:
             return self._fds
 
+    @property
+    def blocked(self) -> int:
+        """Waits asleep right now."""
+        return self._blocked
+
+    def wait_for(self, predicate: Callable[[LockManager], bool], timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until ``predicate(self)`` holds, re-checked
+        whenever a wait goes to sleep or a lock is released; True if it held."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
     def wait_until_blocked(self, count: int, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) until ``count`` waits are blocked; True if so."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._blocked >= count, timeout)
+        return self.wait_for(lambda m: m.blocked >= count, timeout)
 
     # --- waits ------------------------------------------------------------------
 
@@ -452,7 +463,8 @@ class LockManager:
             seen = self._releases
             deadline = time.monotonic() + pause
             self._blocked += 1
-            self._cond.notify_all()  # for wait_until_blocked
+            self.polls += 1
+            self._cond.notify_all()  # for wait_for
             try:
                 while not wait.error and self._releases == seen:
                     left = deadline - time.monotonic()

@@ -173,6 +173,25 @@ def test_setlkw_waits_for_a_host_process_lock(client: FuseClient, root: Path) ->
         os.close(host)
 
 
+def test_setlkw_has_no_deadline(client: FuseClient, root: Path) -> None:
+    """Waiting far longer than any "short wait" (hundreds of re-polls): still waiting."""
+    f = client.lookup(1, b"hello.txt")
+    fh = client.open(f.nodeid, os.O_RDWR)
+    locks = locks_of(client)
+    locks.poll_min = locks.poll_max = 0.002
+    host = os.open(root / "hello.txt", os.O_RDWR)
+    try:
+        fcntl.lockf(host, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        waiter = start_waiter(client, f.nodeid, lk_body(fh, 1, 0, 0, F_WRLCK), 504, 1)
+        # >= 500 polls of 2 ms: a second at least
+        assert locks.wait_for(lambda m: m.polls >= 500 or not waiter.is_alive(), JOIN)
+        assert waiter.is_alive(), f"answered {waiter.result()} instead of waiting"
+        fcntl.lockf(host, fcntl.LOCK_UN)
+        assert waiter.result() == 0
+    finally:
+        os.close(host)
+
+
 def test_flock_wait_is_granted_when_the_holder_releases(client: FuseClient) -> None:
     f = client.lookup(1, b"hello.txt")
     fh1 = client.open(f.nodeid, os.O_RDONLY)
