@@ -19,7 +19,8 @@ measured on what it offers, and the table says so.
 Peers run in the same invocation, interleaved by rounds (A B C A B C ...):
 each round starts each daemon afresh and measures every cell on it. Output
 under ``<build>/bench/<stamp>/``: ``daemon.json`` (every round, every peer's
-command line), ``daemon.md`` (the table) and ``daemon-d<depth>-q<queues>.png``.
+command line), ``daemon.md`` (the table), ``daemon-d<depth>-q<queues>.png`` and each
+daemon's log in ``logs/``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -464,6 +466,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
         "wall_s": time.monotonic() - started, "records": records,
     }, indent=1))  # fmt: skip
     plots = plot(rows, peers, out, "daemon")
+    shutil.rmtree(share)  # test data only; the logs stay
     print(f"[bench] daemon suite: {time.monotonic() - started:.0f} s; {out}/daemon.md, "
           f"daemon.json, {len(plots)} plots", file=sys.stderr)  # fmt: skip
     return head + table
