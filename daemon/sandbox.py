@@ -3,10 +3,11 @@
 ``namespace`` (the default as root), as virtiofsd:
 
 1. The process unshares a new pid namespace and forks.  The parent stays
-   outside: it forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the
-   child, waits for it and exits with its status (``128 + N`` when it was
-   killed by signal N, logged; SIGSYS is a seccomp kill).  It also removes
-   the ``--socket-path`` file afterwards, which the child can no longer see.
+   outside, drops every capability and sets no_new_privs: it forwards
+   SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the child, waits for
+   it and exits with its status (``128 + N`` when it was killed by signal
+   N, logged; SIGSYS is a seccomp kill).  It also removes the
+   ``--socket-path`` file afterwards, which the child can no longer see.
 2. The child (pid 1 of its namespace) unshares new mount, network, IPC and
    UTS namespaces, makes every mount a slave (host unmounts still
    propagate in, nothing propagates out), mounts a fresh procfs on /proc
@@ -42,7 +43,7 @@ import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import procfs
+from . import capabilities, procfs
 
 __all__ = ["MODES", "LateImportLogger", "default_mode", "enter", "preload"]
 
@@ -217,8 +218,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _supervise(child: int, cleanup: Callable[[], None]) -> int:
-    """The outer process: forward signals, wait, return the exit status."""
+def _supervise(child: int, cleanup: Callable[[], None], ready: int) -> int:
+    """The outer process: forward signals, wait, return the exit status.
+    Closing ``ready`` lets the child go on, once the signals are set up."""
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -226,6 +228,15 @@ def _supervise(child: int, cleanup: Callable[[], None]) -> int:
 
     for forwarded in FORWARDED_SIGNALS:
         signal.signal(forwarded, forward)
+    # Waiting, signalling its own child and unlinking the socket file need
+    # no capability: the outer process keeps none.
+    try:
+        if os.geteuid() == 0:
+            capabilities.restrict(frozenset())
+        capabilities.set_no_new_privs()
+    except (OSError, RuntimeError) as e:
+        log.warning("sandbox: the outer process keeps its capabilities: %s", e)
+    os.close(ready)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -269,8 +280,12 @@ def enter(mode: str, shared: Path, *, parent_cleanup: Callable[[], None]) -> Pat
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     sys.stdout.flush()
     sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # the outer process forwards signals from here on
+        os.close(ready_r)
         try:
             path = _confine_child(shared)
         except BaseException as e:
@@ -278,6 +293,7 @@ def enter(mode: str, shared: Path, *, parent_cleanup: Callable[[], None]) -> Pat
             os._exit(1)
         log.info("sandbox: namespaces (mount, pid, net, ipc, uts), root is %s", shared)
         return path
-    code = _supervise(child, parent_cleanup)
+    os.close(ready_r)
+    code = _supervise(child, parent_cleanup, ready_w)
     logging.shutdown()
     os._exit(code)

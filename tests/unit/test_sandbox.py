@@ -208,8 +208,11 @@ def test_namespace_sandbox_confines_the_daemon(daemon_factory: object, tmp_path:
     assert sorted(os.listdir(f"/proc/{child}/root")) == ["hello"]
     for ns in ("mnt", "net", "ipc", "uts", "pid"):
         assert os.readlink(f"/proc/{child}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
-    # the outer process stays outside and forwards SIGTERM; the daemon exits 0
+    # the outer process stays outside, without capabilities, and forwards SIGTERM
     assert os.readlink(f"/proc/{d.proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    outer = status_fields(d.proc.pid)
+    assert int(outer["CapEff"], 16) == int(outer["CapBnd"], 16) == 0
+    assert outer["NoNewPrivs"] == "1"
     d.proc.send_signal(signal.SIGTERM)
     assert d.finish() == 0, d.log.decode()
     assert b"shutting down" in d.log

@@ -96,11 +96,16 @@ def test_agent_survives_a_command_stuck_in_the_kernel(
     share = Share(share_dir, "s", backend="pyvirtiofsd")
     with Machine(MachineConfig(shares=[share]), name="stuck") as vm:
         daemon = vm.daemons[0].process
-        os.kill(daemon.pid, signal.SIGSTOP)
+        # the serving process: the daemon itself, or its child in the namespace sandbox
+        with open(f"/proc/{daemon.pid}/task/{daemon.pid}/children") as f:
+            pids = [daemon.pid, *map(int, f.read().split())]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
         try:
             r = vm.agent.run("cat /mnt/s/f", timeout=2)
         finally:
-            os.kill(daemon.pid, signal.SIGCONT)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         assert r.status == -9
         assert b"abandoned" in r.stderr
         vm.agent.ping()
