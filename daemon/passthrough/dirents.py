@@ -31,6 +31,7 @@ MAX_BUFFER = 1 << 16
 #: Smallest one: room for any single entry (19 + NAME_MAX + NUL, rounded up).
 MIN_BUFFER = 512
 
+_OFF_MAX = (1 << 63) - 1  # loff_t
 _HEAD = struct.Struct("<QqHB")  # struct linux_dirent64: d_ino, d_off, d_reclen, d_type
 # glibc < 2.30 (or another libc) has no wrapper: READDIR then answers ENOSYS.
 _getdents64: Any = getattr(ctypes.CDLL(None, use_errno=True), "getdents64", None)
@@ -67,6 +68,8 @@ def read_dirents(fd: int, offset: int, size: int) -> Iterator[HostDirent]:
     caller holds whatever serialises users of ``fd``'s file position.
     ``DT_UNKNOWN`` is resolved with ``fstatat`` (0 if that fails).
     """
+    if not 0 <= offset <= _OFF_MAX:
+        raise OSError(errno.EINVAL, "directory offset out of range")
     os.lseek(fd, offset, os.SEEK_SET)
     raw = _getdents(fd, min(max(size, MIN_BUFFER), MAX_BUFFER))
     pos = 0

@@ -179,3 +179,18 @@ def test_a_borrowed_directory_counts_until_its_fd_closes(big_root: Path) -> None
         client.opendir(1)
     finally:
         client.session.close()
+
+
+def test_offsets_the_host_never_gave(client: FuseClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile guest's offsets: an errno or an ordinary reply, never a crash."""
+    big = client.lookup(1, b"big")
+    fh = client.opendir(big.nodeid)
+    for offset in (1, 12345, (1 << 63) - 1):
+        assert client.call(READDIR, big.nodeid, read_body(fh, offset, 4096)).error in (
+            0,
+            -errno.EINVAL,
+        )
+    for offset in (1 << 63, (1 << 64) - 1):
+        reply = client.call(READDIRPLUS, big.nodeid, read_body(fh, offset, 4096))
+        assert reply.error == -errno.EINVAL
+    assert "internal error" not in caplog.text
