@@ -339,14 +339,13 @@ class LockManager:
     def _unuse_owner(self, locks: InodeLocks, owner: int, entry: _OwnerFd, settle: bool) -> None:
         """Caller holds the lock.  ``settle``: close the fd if it now holds no lock."""
         entry.users -= 1
-        if (
-            settle
-            and entry.users == 0
-            and entry.fd >= 0
-            and locks.owners.get(owner) is entry
-            and not holds_ofd_locks(self._fdinfo(entry.fd))
-        ):
-            self._close_owner(locks, owner)
+        if settle and entry.users == 0 and entry.fd >= 0 and locks.owners.get(owner) is entry:
+            try:
+                held = holds_ofd_locks(self._fdinfo(entry.fd))
+            except OSError:  # cannot tell (EMFILE...): keep it, a later settle decides
+                return
+            if not held:
+                self._close_owner(locks, owner)
 
     @staticmethod
     def _live(entry: _OwnerFd) -> int:

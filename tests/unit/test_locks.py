@@ -528,6 +528,24 @@ def test_a_thousand_owners_cost_at_most_the_cap(root: Path) -> None:
         client.session.close()
 
 
+def test_unlock_succeeds_when_fdinfo_cannot_be_read(client: FuseClient) -> None:
+    f = client.lookup(1, b"hello.txt")
+    fh = client.open(f.nodeid, os.O_RDWR)
+    locks = locks_of(client)
+    assert client.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 9, F_WRLCK)).ok
+
+    def no_fdinfo(fd: int) -> bytes:
+        raise OSError(errno.EMFILE, "no fd left")
+
+    locks._fdinfo = no_fdinfo  # e.g. the fd limit is reached
+    assert client.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 9, F_UNLCK)).ok
+    assert locks.owner_fds == 1, "kept while it cannot be checked"
+    assert client.call(SETLK, f.nodeid, lk_body(fh, 2, 0, 0, F_WRLCK)).ok, "really unlocked"
+    locks._fdinfo = client.session.fs._fdinfo  # readable again
+    assert client.call(SETLK, f.nodeid, lk_body(fh, 1, 0, 0, F_UNLCK)).ok
+    assert locks.owner_fds == 1, "owner 1's fd went; owner 2 holds its lock"
+
+
 def test_forget_closes_the_lock_fds(client: FuseClient) -> None:
     baseline = open_fds()
     f = client.lookup(1, b"hello.txt")
