@@ -375,7 +375,8 @@ async def _round(
                 "queues_used": used, "unit": w.unit, "ops": res.ops, "total": res.total,
                 "measured_s": res.measured_s, "ops_per_s": res.ops_per_s,
                 "value": w.value(res.ops_per_s), "per_queue": list(res.per_queue),
-                "kicks": res.kicks, "calls": res.calls, "failure": res.failure,
+                "kicks": res.kicks, "calls": res.calls, "loadgen_busy": res.busy,
+                "failure": res.failure,
                 "message": res.message,
             }  # fmt: skip
             records.append(rec)

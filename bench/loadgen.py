@@ -353,6 +353,7 @@ class RunResult:
     calls: int
     failure: int
     message: str
+    busy: float = 0.0  # the loop's CPU time / wall time: near 1, it set the pace
 
     @property
     def ops_per_s(self) -> float:
@@ -389,4 +390,5 @@ def run(
         calls=sum(q.calls for q in queues),
         failure=int(res.failure),
         message=ffi.string(res.message).decode(errors="replace"),
+        busy=res.cpu_ns / res.wall_ns if res.wall_ns > 0 else 0.0,
     )

@@ -11,7 +11,7 @@ import json
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ __all__ = [
 
 #: The daemon every ratio is about.
 BASELINE = "pyvirtiofsd"
+#: A load generator busier than this (CPU / wall time) may be what limits a cell.
+SATURATED = 0.9
 
 
 @dataclass(frozen=True, order=True)
@@ -61,6 +63,7 @@ class Row:
     stats: Mapping[str, Stats | None]  # peer -> stats (None: every round failed)
     queues_used: Mapping[str, int]  # peer -> fewest request queues it was measured on
     failures: Mapping[str, int]  # peer -> rounds that failed
+    busy: Mapping[str, float] = field(default_factory=dict)  # peer -> median loadgen_busy
 
 
 def summarize(records: Iterable[Mapping[str, Any]], peers: Sequence[str]) -> list[Row]:
@@ -70,6 +73,7 @@ def summarize(records: Iterable[Mapping[str, Any]], peers: Sequence[str]) -> lis
     used: dict[tuple[Cell, str], int] = {}
     failed: dict[tuple[Cell, str], int] = {}
     units: dict[Cell, str] = {}
+    busy: dict[tuple[Cell, str], list[float]] = {}
     for rec in records:
         cell = Cell(str(rec["workload"]), int(rec["depth"]), int(rec["queues"]))
         if cell not in units:
@@ -80,6 +84,8 @@ def summarize(records: Iterable[Mapping[str, Any]], peers: Sequence[str]) -> lis
             failed[key] = failed.get(key, 0) + 1
             continue
         values.setdefault(key, []).append(float(rec["value"]))
+        if "loadgen_busy" in rec:
+            busy.setdefault(key, []).append(float(rec["loadgen_busy"]))
         q = int(rec.get("queues_used", cell.queues))
         used[key] = min(used.get(key, q), q)
     rows = []
@@ -92,6 +98,7 @@ def summarize(records: Iterable[Mapping[str, Any]], peers: Sequence[str]) -> lis
                 stats,
                 {p: used.get((cell, p), cell.queues) for p in peers},
                 {p: failed.get((cell, p), 0) for p in peers},
+                {p: statistics.median(busy[cell, p]) for p in peers if (cell, p) in busy},
             )
         )
     return rows
@@ -140,6 +147,11 @@ def markdown_table(rows: Sequence[Row], peers: Sequence[str], baseline: str = BA
                 text += f" [{row.queues_used[p]}q]"
                 notes.add(f"[{row.queues_used[p]}q]: the daemon offers only "
                           f"{row.queues_used[p]} request queue(s), measured on those")  # fmt: skip
+            if row.busy.get(p, 0.0) >= SATURATED:
+                text += " *"
+                notes.add(f"*: the load generator's thread was busy >= {SATURATED:.0%} of "
+                          "the time (median over rounds): its ceiling, maybe not the "
+                          "daemon's")  # fmt: skip
             if row.failures[p]:
                 text += f" ({row.failures[p]} failed)"
             cells.append(text)

@@ -28,6 +28,13 @@ static int64_t mono_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+static int64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static void wr16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
@@ -122,6 +129,7 @@ int pvb_run(struct pvb_queue **queues, uint32_t nqueues, int64_t warmup_ns, int6
     uint64_t posted = 0, inflight = 0;
     int posting = 1, failed = 0;
     int64_t now = mono_ns();
+    const int64_t t_call = now, cpu_start = cpu_ns();
     const int64_t t_start = now + warmup_ns;
     const int64_t t_end = t_start + duration_ns;
     int64_t t_stop = t_end, drain_deadline = 0;
@@ -223,6 +231,8 @@ int pvb_run(struct pvb_queue **queues, uint32_t nqueues, int64_t warmup_ns, int6
         now = mono_ns();
     }
     r->measured_ns = t_stop > t_start ? t_stop - t_start : 0;
+    r->wall_ns = mono_ns() - t_call;
+    r->cpu_ns = cpu_ns() - cpu_start;
     for (uint32_t qi = 0; qi < nqueues; qi++)
         r->ops += queues[qi]->completed;
     return r->failure;

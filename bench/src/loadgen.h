@@ -79,6 +79,9 @@ struct pvb_result {
     uint64_t ops;            /* completions inside the measured window */
     uint64_t total;          /* all completions (warm-up and drain included) */
     int64_t measured_ns;     /* length of the measured window */
+    int64_t wall_ns;         /* the whole call, warm-up and drain included */
+    int64_t cpu_ns;          /* CPU time of this thread over the call: near wall_ns
+                              * means the load generator, not the daemon, set the pace */
     int32_t failure;         /* PVB_* */
     int32_t queue;           /* queue index (into queues) of the failure */
     char message[PVB_MSG_LEN];

@@ -94,3 +94,14 @@ def test_plots_are_written_per_depth_and_queues(tmp_path: Path) -> None:
     assert sorted(f.name for f in files) == ["daemon-d1-q1.png", "daemon-d32-q1.png"]
     for f in files:
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_the_load_generator_may_have_limited_are_marked() -> None:
+    records = [rec("pyvirtiofsd", 2e6, loadgen_busy=0.97),
+               rec("pyvirtiofsd", 2e6, loadgen_busy=0.95),
+               rec("virtiofsd", 5e5, loadgen_busy=0.4), rec("rust-virtiofsd", 4e5)]  # fmt: skip
+    (row,) = summarize(records, PEERS)
+    assert row.busy == {"pyvirtiofsd": pytest.approx(0.96), "virtiofsd": pytest.approx(0.4)}
+    lines = markdown_table([row], PEERS).splitlines()
+    assert lines[2].split(" | ")[4:7] == ["2.00M (2.00M-2.00M) *", "500K", "400K"]
+    assert any(line.startswith("*: the load generator") for line in lines)
