@@ -53,9 +53,9 @@ from pyvirtiofsd.dma import (
 
 from .fuse import abi
 from .fuse.session import FuseSession
-from .vhost_user.backend import VhostUserDeviceBase
+from .vhost_user.backend import VhostUserDeviceBase, VringConfig
 from .vhost_user.errors import DeviceError
-from .vhost_user.messages import MemoryRegionDesc, ProtocolFeature, VringAddr
+from .vhost_user.messages import MemoryRegionDesc, ProtocolFeature
 
 log = logging.getLogger("pyvirtiofsd.device")
 
@@ -95,14 +95,13 @@ STATS_PERIOD = 0.2
 
 @dataclass
 class _Ring:
-    """Per-virtqueue state collected from vhost-user messages."""
+    """What the device needs to serve one virtqueue.
+
+    The protocol state of the ring (size, addresses, base, enabled) belongs
+    to the vhost-user handler, which hands it over in :meth:`FsDevice.start_vring`.
+    """
 
     vq: VirtQueue
-    num: int = 0
-    addr: VringAddr | None = None
-    base: int = 0
-    kicked: bool = False  # a kick fd (or "no fd" = polling) was received
-    enabled: bool = False
     broken: bool = False
     runner: threading.Thread | None = None
     err_fd: int | None = None
@@ -219,33 +218,8 @@ class FsDevice(VhostUserDeviceBase):
             raise DeviceError(f"vring index {index} out of range")
         return self._rings[index]
 
-    def set_vring_num(self, index: int, num: int) -> None:
-        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
-            raise DeviceError(f"vring {index}: size {num} is not a power of two <= 1024")
-        self._ring(index).num = num
-
-    def set_vring_addr(self, index: int, addr: VringAddr) -> None:
-        self._ring(index).addr = addr
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        self._ring(index).base = base & 0xFFFF
-
-    def get_vring_base(self, index: int) -> int:
-        ring = self._ring(index)
-        self._stop(ring)
-        base = ring.base  # _stop saved where the ring stopped
-        ring.vq.reset()
-        ring.kicked = False
-        ring.broken = False
-        ring.base = base
-        return base
-
     def set_vring_kick(self, index: int, fd: int | None) -> None:
-        ring = self._ring(index)
-        self._stop(ring)
-        ring.vq.set_kick_fd(fd)
-        ring.kicked = True
-        self._maybe_start(ring)
+        self._ring(index).vq.set_kick_fd(fd)
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
         self._ring(index).vq.set_call_fd(fd)
@@ -256,13 +230,42 @@ class FsDevice(VhostUserDeviceBase):
         if old is not None:
             os.close(old)
 
-    def set_vring_enable(self, index: int, enabled: bool) -> None:
+    def start_vring(self, config: VringConfig) -> None:
+        ring = self._ring(config.index)
+        if ring.runner is not None:
+            raise DeviceError(f"vring {config.index} is already running")
+        if config.num > MAX_QUEUE_SIZE:
+            raise DeviceError(f"vring {config.index}: size {config.num} above {MAX_QUEUE_SIZE}")
+        try:
+            a, qsize = config.addr, config.num
+            desc = self.memory.uaddr_to_gpa(a.desc_user_addr, 16 * qsize)
+            avail = self.memory.uaddr_to_gpa(a.avail_user_addr, 6 + 2 * qsize)
+            used = self.memory.uaddr_to_gpa(a.used_user_addr, 6 + 8 * qsize)
+            ring.vq.configure(
+                size=qsize,
+                desc_gpa=desc,
+                avail_gpa=avail,
+                used_gpa=used,
+                event_idx=bool(self._acked & VIRTIO_RING_F_EVENT_IDX),
+            )
+            ring.vq.set_base(config.base & 0xFFFF)
+        except DmaError as e:
+            log.error("vring %d refused: %s; the queue stays stopped", config.index, e)
+            raise DeviceError(f"vring {config.index}: {e}") from e
+        ring.broken = False
+        self._start_workers()
+        runner = threading.Thread(
+            target=self._run_queue, args=(ring,), name=f"vq{config.index}", daemon=True
+        )
+        ring.runner = runner
+        runner.start()
+
+    def stop_vring(self, index: int) -> int:
         ring = self._ring(index)
-        ring.enabled = enabled
-        if enabled:
-            self._maybe_start(ring)
-        else:
-            self._stop(ring)
+        self._stop(ring)
+        base = ring.vq.last_avail_idx
+        ring.vq.reset()  # later completions of its requests are dropped
+        return base
 
     def set_backend_req_fd(self, fd: int) -> None:
         if self._backend_req_fd is not None:
@@ -281,8 +284,7 @@ class FsDevice(VhostUserDeviceBase):
             ring.vq.reset()
             ring.vq.set_kick_fd(None)
             ring.vq.set_call_fd(None)
-            ring.num, ring.addr, ring.base = 0, None, 0
-            ring.kicked = ring.enabled = ring.broken = False
+            ring.broken = False
             if ring.err_fd is not None:
                 os.close(ring.err_fd)
                 ring.err_fd = None
@@ -313,36 +315,6 @@ class FsDevice(VhostUserDeviceBase):
         self.session.close()
 
     # -- runners and workers ---------------------------------------------------
-    def _maybe_start(self, ring: _Ring) -> None:
-        if ring.runner is not None or not (ring.kicked and ring.enabled):
-            return
-        if ring.addr is None or ring.num == 0:
-            raise DeviceError(f"vring {ring.vq.index}: started before its size/addresses were set")
-        try:
-            a = ring.addr
-            qsize = ring.num
-            desc = self.memory.uaddr_to_gpa(a.desc_user_addr, 16 * qsize)
-            avail = self.memory.uaddr_to_gpa(a.avail_user_addr, 6 + 2 * qsize)
-            used = self.memory.uaddr_to_gpa(a.used_user_addr, 6 + 8 * qsize)
-            ring.vq.configure(
-                size=qsize,
-                desc_gpa=desc,
-                avail_gpa=avail,
-                used_gpa=used,
-                event_idx=bool(self._acked & VIRTIO_RING_F_EVENT_IDX),
-            )
-            ring.vq.set_base(ring.base)
-        except DmaError as e:
-            ring.broken = True
-            log.error("vring %d refused: %s; the queue stays stopped", ring.vq.index, e)
-            raise DeviceError(f"vring {ring.vq.index}: {e}") from e
-        self._start_workers()
-        runner = threading.Thread(
-            target=self._run_queue, args=(ring,), name=f"vq{ring.vq.index}", daemon=True
-        )
-        ring.runner = runner
-        runner.start()
-
     def _start_workers(self) -> None:
         """The Python pool and the stats writer, once, at the first ring start."""
         while self._slow is not None and len(self._pool) < self._pool_size:
@@ -358,12 +330,7 @@ class FsDevice(VhostUserDeviceBase):
             self._stats_thread.start()
 
     def _stop(self, ring: _Ring) -> None:
-        """Stop the runner, let Python finish the ring's requests, save where it stopped.
-
-        The saved base is what a restart without GET_VRING_BASE (a second
-        SET_VRING_KICK, SET_VRING_ENABLE 0 then 1) resumes from, so requests
-        already served are never served again.
-        """
+        """Stop the runner and let Python finish the ring's requests in progress."""
         runner = ring.runner
         if runner is None:
             return
@@ -371,8 +338,6 @@ class FsDevice(VhostUserDeviceBase):
         runner.join()
         ring.runner = None
         self._drain_python(ring)
-        if ring.vq.size:
-            ring.base = ring.vq.last_avail_idx
 
     def _drain_python(self, ring: _Ring) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT

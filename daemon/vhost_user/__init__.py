@@ -8,7 +8,7 @@ state, drives a device), ``server`` (accept loop).  The device implements
 
 from __future__ import annotations
 
-from .backend import VhostUserDevice, VhostUserDeviceBase
+from .backend import VhostUserDevice, VhostUserDeviceBase, VringConfig
 from .errors import (
     DeviceError,
     FdCountError,
@@ -61,6 +61,7 @@ __all__ = [
     "VhostUserError",
     "VhostUserHandler",
     "VringAddr",
+    "VringConfig",
     "adopt_listener",
     "listen_unix",
     "protocol_feature_mask",

@@ -1,9 +1,14 @@
 """The device interface the vhost-user handler drives.
 
 The handler (``handler.py``) parses and validates every message, keeps all
-protocol state, and only then calls one of these methods with typed values:
-a device never sees bytes, never sees an out-of-range vring index, and never
-sees a feature bit that was not offered.
+protocol state -- the vrings' sizes, addresses, bases and enable state
+included -- and only then calls one of these methods with typed values: a
+device never sees bytes, never sees an out-of-range vring index, and never
+sees a feature bit that was not offered.  A device is told when a ring
+starts (:meth:`VhostUserDevice.start_vring`, with everything it needs) and
+when it stops (:meth:`VhostUserDevice.stop_vring`, which reports where it
+got to); it keeps only what it needs to serve the ring meanwhile (the
+model is rust-vmm's ``VhostUserBackend``).
 
 File descriptor ownership:
 
@@ -25,12 +30,23 @@ traceback), so a device bug does not take the daemon down.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .errors import DeviceError
 from .messages import MemoryRegionDesc, ProtocolFeature, VringAddr, protocol_feature_mask
 
-__all__ = ["VhostUserDevice", "VhostUserDeviceBase"]
+__all__ = ["VhostUserDevice", "VhostUserDeviceBase", "VringConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class VringConfig:
+    """What a device needs to serve one ring, from the handler's vring state."""
+
+    index: int
+    num: int  #: queue size (SET_VRING_NUM)
+    addr: VringAddr  #: ring addresses in the front-end's virtual address space
+    base: int  #: first avail index to serve (SET_VRING_BASE, or where it last stopped)
 
 
 @runtime_checkable
@@ -73,25 +89,28 @@ class VhostUserDevice(Protocol):
         """Remove one region, as it was added (the handler looked it up)."""
         ...
 
-    def set_vring_num(self, index: int, num: int) -> None: ...
-
-    def set_vring_addr(self, index: int, addr: VringAddr) -> None: ...
-
-    def set_vring_base(self, index: int, base: int) -> None: ...
-
-    def get_vring_base(self, index: int) -> int:
-        """Stop the ring first, then return its last_avail_idx."""
-        ...
-
     def set_vring_kick(self, index: int, fd: int | None) -> None:
-        """Kick eventfd (``None``: no fd, the ring must be polled); the ring starts."""
+        """The ring's kick eventfd (``None``: no fd, the ring must be polled).
+
+        Only ever sent while the ring is stopped; the next start uses it.
+        """
         ...
 
-    def set_vring_call(self, index: int, fd: int | None) -> None: ...
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        """The call eventfd; may replace the one of a running ring."""
+        ...
 
-    def set_vring_err(self, index: int, fd: int | None) -> None: ...
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        """The eventfd a device signals when it cannot go on serving the ring."""
+        ...
 
-    def set_vring_enable(self, index: int, enabled: bool) -> None: ...
+    def start_vring(self, config: VringConfig) -> None:
+        """Serve the ring from ``config.base`` on (raise DeviceError to refuse)."""
+        ...
+
+    def stop_vring(self, index: int) -> int:
+        """Stop serving the ring; returns the next avail index it would have served."""
+        ...
 
     def set_backend_req_fd(self, fd: int) -> None: ...
 
@@ -138,18 +157,6 @@ class VhostUserDeviceBase:
     def remove_mem_region(self, region: MemoryRegionDesc) -> None:
         raise DeviceError("REM_MEM_REG is not supported by this device")
 
-    def set_vring_num(self, index: int, num: int) -> None:
-        raise NotImplementedError
-
-    def set_vring_addr(self, index: int, addr: VringAddr) -> None:
-        raise NotImplementedError
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        raise NotImplementedError
-
-    def get_vring_base(self, index: int) -> int:
-        raise NotImplementedError
-
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         raise NotImplementedError
 
@@ -160,7 +167,10 @@ class VhostUserDeviceBase:
         if fd is not None:
             os.close(fd)
 
-    def set_vring_enable(self, index: int, enabled: bool) -> None:
+    def start_vring(self, config: VringConfig) -> None:
+        raise NotImplementedError
+
+    def stop_vring(self, index: int) -> int:
         raise NotImplementedError
 
     def set_backend_req_fd(self, fd: int) -> None:

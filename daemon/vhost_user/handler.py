@@ -32,7 +32,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .backend import VhostUserDevice
+from .backend import VhostUserDevice, VringConfig
 from .connection import RawMessage, close_fds
 from .errors import (
     DeviceError,
@@ -123,7 +123,14 @@ _NEEDS_PROTOCOL_FEATURE: dict[FrontendReq, ProtocolFeature] = {
 
 @dataclass(slots=True)
 class _Vring:
-    """What the handler knows about one vring."""
+    """One vring's protocol state; the handler is its only owner.
+
+    ``base`` is where the ring starts next: SET_VRING_BASE sets it, and
+    every stop replaces it with where the device got to, so a restart
+    without a new SET_VRING_BASE (SET_VRING_ENABLE 0 then 1, a second
+    SET_VRING_KICK) resumes there instead of replaying served requests.
+    ``running``: the device is serving it (kick fd received and enabled).
+    """
 
     num: int | None = None
     addr: VringAddr | None = None
@@ -132,7 +139,7 @@ class _Vring:
     call: bool = False
     err: bool = False
     enabled: bool = False
-    started: bool = False
+    running: bool = False
 
 
 class _Fds:
@@ -262,7 +269,12 @@ class VhostUserHandler:
         return tuple(self._regions)
 
     def vring_started(self, index: int) -> bool:
-        return self._vrings[index].started
+        """The ring was kicked (SET_VRING_KICK) and not stopped by GET_VRING_BASE."""
+        return self._vrings[index].kick
+
+    def vring_running(self, index: int) -> bool:
+        """The device is serving the ring (kicked and enabled)."""
+        return self._vrings[index].running
 
     def vring_enabled(self, index: int) -> bool:
         return self._vrings[index].enabled
@@ -472,6 +484,27 @@ class VhostUserHandler:
         raise InvalidParameterError(f"REM_MEM_REG: no such region {wanted}")
 
     # ---------------------------------------------------------------- vrings
+    def _start(self, index: int) -> None:
+        """Start the ring on the device if it is kicked and enabled and not running."""
+        vring = self._vrings[index]
+        if vring.running or not (vring.kick and vring.enabled):
+            return
+        if vring.num is None or vring.addr is None:
+            raise StateError(f"vring {index} started before SET_VRING_NUM and SET_VRING_ADDR")
+        self._device.start_vring(VringConfig(index, vring.num, vring.addr, vring.base))
+        vring.running = True
+
+    def _stop(self, index: int) -> None:
+        """Stop a running ring; its base becomes where the device got to."""
+        vring = self._vrings[index]
+        if not vring.running:
+            return
+        base = self._device.stop_vring(index)  # raising: still running, as far as we know
+        vring.running = False
+        if not 0 <= base <= 0xFFFFFFFF:
+            raise DeviceError(f"device returned vring base {base!r}, not a u32")
+        vring.base = base
+
     def _set_vring_num(self, request: Request, fds: _Fds) -> None:
         assert isinstance(request.body, VringState)
         index, num = request.body.index, request.body.num
@@ -483,8 +516,7 @@ class VhostUserHandler:
             )
         if not packed and num & (num - 1):
             raise InvalidParameterError(f"SET_VRING_NUM {num}: split rings are a power of 2")
-        self._device.set_vring_num(index, num)
-        vring.num = num
+        vring.num = num  # used at the next start
 
     def _set_vring_addr(self, request: Request, fds: _Fds) -> None:
         assert isinstance(request.body, VringAddr)
@@ -494,7 +526,6 @@ class VhostUserHandler:
             raise InvalidParameterError(f"SET_VRING_ADDR flags {addr.flags:#x} undefined")
         if addr.flags & VringAddr.F_LOG:
             raise NotNegotiatedError("SET_VRING_ADDR asks for dirty logging, not supported")
-        self._device.set_vring_addr(addr.index, addr)
         vring.addr = addr
 
     def _set_vring_base(self, request: Request, fds: _Fds) -> None:
@@ -504,7 +535,6 @@ class VhostUserHandler:
         packed = bool((self._acked_features or 0) & VIRTIO_F_RING_PACKED)
         if not packed and base > _U16_MAX:
             raise InvalidParameterError(f"SET_VRING_BASE {base:#x}: a split ring index is 16-bit")
-        self._device.set_vring_base(index, base)
         vring.base = base
 
     def _get_vring_base(self, request: Request, fds: _Fds) -> _Reply:
@@ -512,13 +542,9 @@ class VhostUserHandler:
         index = request.body.index
         vring = self._vring(index)
         # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"
-        vring.started = False
         vring.kick = False
-        base = self._device.get_vring_base(index)
-        if not 0 <= base <= 0xFFFFFFFF:
-            raise DeviceError(f"device returned vring base {base!r}, not a u32")
-        vring.base = base
-        return _Reply(VringState(index, base).pack())
+        self._stop(index)
+        return _Reply(VringState(index, vring.base).pack())
 
     def _set_vring_fd(self, request: Request, fds: _Fds) -> None:
         assert isinstance(request.body, VringFd)
@@ -526,18 +552,19 @@ class VhostUserHandler:
         vring = self._vring(index)
         fd = None if request.body.nofd else fds.peek(0)
         if request.code == FrontendReq.SET_VRING_KICK:
+            # A new kick fd restarts the ring on it, from where it stopped.
+            self._stop(index)
             self._device.set_vring_kick(index, fd)
             if fd is not None:
                 fds.take(0)
-            vring.kick = True
             # "Client must start ring upon receiving a kick ... on the
             # descriptor specified by VHOST_USER_SET_VRING_KICK".
-            vring.started = True
+            vring.kick = True
             # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the
             # ring starts directly in the enabled state."
-            if not self._protocol_features_acked_in_set_features() and not vring.enabled:
-                self._device.set_vring_enable(index, True)
+            if not self._protocol_features_acked_in_set_features():
                 vring.enabled = True
+            self._start(index)
         elif request.code == FrontendReq.SET_VRING_CALL:
             self._device.set_vring_call(index, fd)
             if fd is not None:
@@ -560,8 +587,11 @@ class VhostUserHandler:
             raise NotNegotiatedError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         if num not in (0, 1):
             raise InvalidParameterError(f"SET_VRING_ENABLE {num} for vring {index}: not 0 or 1")
-        self._device.set_vring_enable(index, bool(num))
         vring.enabled = bool(num)
+        if vring.enabled:
+            self._start(index)
+        else:
+            self._stop(index)
 
 
 _REPLY_FLAGS = VHOST_USER_VERSION | HeaderFlags.REPLY

@@ -9,6 +9,7 @@ they finish, and a restarted ring never replays what it already served.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import stat
@@ -249,6 +250,7 @@ async def test_stats_file_counts_requests_per_queue(tmp_path: Path) -> None:
 async def test_destroy_leaks_no_fd_through_the_mirror(tmp_path: Path) -> None:
     async with running_device(tmp_path) as rig:
         assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        gc.collect()  # earlier tests' garbage must not close fds while we count
         base = open_fds()
         for i in range(20):
             (rig.share / f"f{i}").write_bytes(b"x")
@@ -289,8 +291,6 @@ def test_mirror_closes_a_retired_fd_and_refuses_duplicates(tmp_path: Path) -> No
     fd2 = os.open(tmp_path, os.O_PATH)
     fp.publish_handle(9, fd2, directory=True)
     del fp
-    import gc
-
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd2)

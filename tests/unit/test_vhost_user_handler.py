@@ -170,12 +170,21 @@ def test_handler_state_tracking() -> None:
     assert handler.acked_protocol_features == HANDLER_PROTOCOL_FEATURES
     kick = os.eventfd(0, os.EFD_CLOEXEC)
     payload = VringFd(1, False).pack()
+    # a kick before the ring's size and addresses: kicked, enabled, not running
     handler.handle(RawMessage(Header(FrontendReq.SET_VRING_KICK, 1, 8), payload, [kick]))
     assert handler.vring_started(1) and handler.vring_enabled(1)
+    assert not handler.vring_running(1) and "start_vring" not in device.names()
+    num = VringState(1, 64).pack()
+    handler.handle(RawMessage(Header(FrontendReq.SET_VRING_NUM, 1, 8), num, []))
+    addr = VringAddr(1, 0, 0x1000, 0x1800, 0x1400, 0).pack()
+    handler.handle(RawMessage(Header(FrontendReq.SET_VRING_ADDR, 1, VringAddr.SIZE), addr, []))
+    kick = os.eventfd(0, os.EFD_CLOEXEC)
+    handler.handle(RawMessage(Header(FrontendReq.SET_VRING_KICK, 1, 8), payload, [kick]))
+    assert handler.vring_running(1) and device.last("start_vring")[0].num == 64
     payload = VringState(1, 0).pack()
     reply = handler.handle(RawMessage(Header(FrontendReq.GET_VRING_BASE, 1, 8), payload, []))
     assert reply is not None and VringState.unpack(reply[HEADER_SIZE:]) == VringState(1, 42)
-    assert not handler.vring_started(1)
+    assert not handler.vring_started(1) and not handler.vring_running(1)
     region = MemoryRegionDesc(0, 4096, 0x1000, 0)
     memfd = os.memfd_create("t")
     handler.handle(

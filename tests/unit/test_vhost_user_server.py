@@ -24,6 +24,7 @@ from pyvirtiofsd.daemon.vhost_user import (
     ProtocolFeature,
     VhostUserDevice,
     VringAddr,
+    VringConfig,
     adopt_listener,
     listen_unix,
     protocol_feature_mask,
@@ -139,17 +140,11 @@ class RecordingDevice:
     def remove_mem_region(self, region: MemoryRegionDesc) -> None:
         self._call("remove_mem_region", region)
 
-    def set_vring_num(self, index: int, num: int) -> None:
-        self._call("set_vring_num", index, num)
+    def start_vring(self, config: VringConfig) -> None:
+        self._call("start_vring", config)
 
-    def set_vring_addr(self, index: int, addr: VringAddr) -> None:
-        self._call("set_vring_addr", index, addr)
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        self._call("set_vring_base", index, base)
-
-    def get_vring_base(self, index: int) -> int:
-        self._call("get_vring_base", index)
+    def stop_vring(self, index: int) -> int:
+        self._call("stop_vring", index)
         return self.vring_base
 
     def _take_fd(self, name: str, index: int | None, fd: int | None) -> None:
@@ -167,9 +162,6 @@ class RecordingDevice:
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
         self._take_fd("set_vring_err", index, fd)
-
-    def set_vring_enable(self, index: int, enabled: bool) -> None:
-        self._call("set_vring_enable", index, enabled)
 
     def set_backend_req_fd(self, fd: int) -> None:
         self._take_fd("set_backend_req_fd", None, fd)
@@ -333,13 +325,13 @@ async def test_qemu_like_session(tmp_path: Path) -> None:
                 assert await fe.add_mem_reg(mem.fd, region, need_reply=True) == 0
                 assert dev.last("add_mem_region") == (fd_ident(mem.fd), region)
             for i in range(2):
+                # the handler keeps the ring's state; the device sees it at the start
+                seen = len(dev.calls)
                 assert await fe.set_vring_num(i, 256, need_reply=True) == 0
-                assert dev.last("set_vring_num") == (i, 256)
-                assert await fe.set_vring_base(i, 0, need_reply=True) == 0
-                assert dev.last("set_vring_base") == (i, 0)
+                assert await fe.set_vring_base(i, 7, need_reply=True) == 0
                 addr = VringAddr(i, 0, 0x1000 * (i + 1), 0x1800, 0x1400, 0)
                 assert await fe.set_vring_addr(addr, need_reply=True) == 0
-                assert dev.last("set_vring_addr") == (i, addr)
+                assert len(dev.calls) == seen
                 kick = eventfd()
                 ident = fd_ident(kick)
                 assert (
@@ -350,7 +342,7 @@ async def test_qemu_like_session(tmp_path: Path) -> None:
                 )
                 assert dev.last("set_vring_kick") == (i, ident)
                 # Bit 30 not acked in SET_FEATURES: the ring starts enabled.
-                assert dev.last("set_vring_enable") == (i, True)
+                assert dev.last("start_vring") == (VringConfig(i, 256, addr, 7),)
                 err = eventfd()
                 ident = fd_ident(err)
                 assert (
@@ -359,18 +351,20 @@ async def test_qemu_like_session(tmp_path: Path) -> None:
                 )
                 assert dev.last("set_vring_err") == (i, ident)
             # vhost_dev_set_vring_enable(true)
+            starts = dev.names().count("start_vring")
             for i in range(2):
                 assert await fe.set_vring_enable(i, True, need_reply=True) == 0
-                assert dev.last("set_vring_enable") == (i, True)
+            assert dev.names().count("start_vring") == starts  # already running
             assert await fe.set_status(0xF, need_reply=True) == 0
             assert dev.last("set_status") == (0xF,)
             assert await fe.get_status() == 0xF
             # vhost_dev_stop
             for i in range(2):
                 assert await fe.set_vring_enable(i, False, need_reply=True) == 0
-                assert dev.last("set_vring_enable") == (i, False)
+                assert dev.last("stop_vring") == (i,)
+                # where the device stopped, kept by the handler
                 assert await fe.get_vring_base(i) == 42
-                assert dev.last("get_vring_base") == (i,)
+                assert dev.names().count("stop_vring") == i + 1
         await server.wait_done()
         assert dev.reset_count == 1
         assert dev.names()[-1] == "reset"
@@ -382,19 +376,25 @@ async def test_bit30_acked_rings_start_disabled(tmp_path: Path) -> None:
         await fe.set_features(VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
         await assert_alive(fe)
         assert dev.last("set_features") == (VERSION_1,)  # bit 30 removed
+        addr = VringAddr(1, 0, 0x1000, 0x1800, 0x1400, 0)
+        await fe.set_vring_num(1, 64)
+        await fe.set_vring_addr(addr)
         kick = eventfd()
         await send_fd_and_close(fe, partial(fe.set_vring_kick, 1), kick)
         await assert_alive(fe)
-        assert "set_vring_enable" not in dev.names()
+        assert "start_vring" not in dev.names()
         assert await fe.set_vring_enable(1, True, need_reply=True) == 0
-        assert dev.last("set_vring_enable") == (1, True)
+        assert dev.last("start_vring") == (VringConfig(1, 64, addr, 0),)
 
 
 async def test_nofd_kick_and_call_mean_polling(tmp_path: Path) -> None:
     async with connected(tmp_path) as (server, fe):
         await fe.set_features(VERSION_1)
+        await fe.set_vring_num(0, 64)
+        await fe.set_vring_addr(VringAddr(0, 0, 0x1000, 0x1800, 0x1400, 0))
         assert await fe.set_vring_kick(0, None, need_reply=True) == 0
         assert server.device.last("set_vring_kick") == (0, None)
+        assert server.device.last("start_vring")[0].index == 0
         assert await fe.set_vring_call(1, None, need_reply=True) == 0
         assert server.device.last("set_vring_call") == (1, None)
         assert await fe.set_vring_err(1, None, need_reply=True) == 0
@@ -465,7 +465,6 @@ async def test_reset_owner_drops_ownership(tmp_path: Path) -> None:
         # protocol features are gone as well: re-negotiate REPLY_ACK
         await fe.set_protocol_features(ProtocolFeature.REPLY_ACK.mask)
         assert await fe.set_vring_num(0, 64, need_reply=True) == 1  # no owner
-        assert "set_vring_num" not in dev.names()
         assert await fe.set_owner(need_reply=True) == 0
         assert await fe.set_vring_num(0, 64, need_reply=True) == 0
 
@@ -544,13 +543,13 @@ async def test_get_needing_protocol_feature_gets_no_reply(
 async def test_need_reply_without_reply_ack_gets_no_ack(tmp_path: Path) -> None:
     async with connected(tmp_path, protocol=0) as (server, fe):
         await fe.send_raw(
-            encode_message(FrontendReq.SET_VRING_NUM, NEED_REPLY, VringState(0, 8).pack())
+            encode_message(FrontendReq.SET_VRING_CALL, NEED_REPLY, VringFd(0, True).pack())
         )
         await fe.send_raw(
-            encode_message(FrontendReq.SET_VRING_NUM, NEED_REPLY, VringState(9, 8).pack())
+            encode_message(FrontendReq.SET_VRING_CALL, NEED_REPLY, VringFd(9, True).pack())
         )
         await assert_alive(fe)
-        assert server.device.last("set_vring_num") == (0, 8)
+        assert server.device.last("set_vring_call") == (0, None)
 
 
 async def test_requests_before_set_owner_refused(tmp_path: Path) -> None:
@@ -786,15 +785,23 @@ async def test_bad_header_flags(tmp_path: Path, flags: int) -> None:
 async def test_device_errors_become_failed_acks(tmp_path: Path, mode: str) -> None:
     async with connected(tmp_path) as (server, fe):
         dev = server.device
-        getattr(dev, mode).update(
-            {"set_features", "set_vring_num", "set_vring_kick", "set_mem_table", "set_status"}
-        )
+        refused = getattr(dev, mode)
+        refused.update({"set_features", "set_vring_kick", "start_vring", "set_mem_table",
+                        "set_status"})  # fmt: skip
         base = fd_count()
         assert await fe.set_features(VERSION_1, need_reply=True) == 1
-        assert await fe.set_vring_num(0, 8, need_reply=True) == 1
+        for i in range(2):
+            assert await fe.set_vring_num(i, 8, need_reply=True) == 0  # the handler's state
+            assert await fe.set_vring_addr(VringAddr(i, 0, 0x1000, 0x1800, 0x1400, 0)) is None
         kick = eventfd()
         assert (
             await send_fd_and_close(fe, partial(fe.set_vring_kick, 0, need_reply=True), kick) == 1
+        )
+        # the device takes the kick fd but refuses to start the ring
+        refused.discard("set_vring_kick")
+        kick = eventfd()
+        assert (
+            await send_fd_and_close(fe, partial(fe.set_vring_kick, 1, need_reply=True), kick) == 1
         )
         with MemFd.create() as mem:
             assert await fe.set_mem_table([(mem.fd, mem.region())], need_reply=True) == 1
@@ -803,8 +810,9 @@ async def test_device_errors_become_failed_acks(tmp_path: Path, mode: str) -> No
         assert fd_count() == base  # the kick fd the device refused was closed
         assert dev.names() == [
             "set_features",
-            "set_vring_num",
             "set_vring_kick",
+            "set_vring_kick",
+            "start_vring",
             "set_mem_table",
             "set_status",
         ]
@@ -812,11 +820,15 @@ async def test_device_errors_become_failed_acks(tmp_path: Path, mode: str) -> No
 
 async def test_device_error_on_get_gives_no_reply(tmp_path: Path) -> None:
     async with connected(tmp_path) as (server, fe):
-        server.device.fail.add("get_vring_base")
+        await fe.set_vring_num(0, 8)
+        await fe.set_vring_addr(VringAddr(0, 0, 0x1000, 0x1800, 0x1400, 0))
+        assert await fe.set_vring_kick(0, None, need_reply=True) == 0
+        assert server.device.last("start_vring")[0].index == 0
+        server.device.fail.add("stop_vring")
         await fe.send_raw(encode_message(FrontendReq.GET_VRING_BASE, 1, VringState(0, 0).pack()))
         await assert_alive(fe)
         server.device.fail.clear()
-        assert await fe.get_vring_base(0) == 42
+        assert await fe.get_vring_base(0) == 42  # stopped now, where the device says
 
 
 async def test_device_bad_status_value(tmp_path: Path) -> None:
