@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 
+from .errors import VmError
+
 MAGIC = b"PVA1"
 HEADER = struct.Struct("<4sIII")
 EXEC_RESULT = struct.Struct("<iIIQ")  # status, stdout len, stderr len, elapsed ns
@@ -34,7 +36,7 @@ class FrameType(IntEnum):
     ERROR = 10
 
 
-class AgentError(RuntimeError):
+class AgentError(VmError):
     """The agent channel failed: timeout, disconnect or a protocol error."""
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from types import FrameType
 
 from .accel import ACCELS
-from .agent import AgentError
-from .initramfs import InitramfsError, build_initramfs
-from .kernel import DEFAULT_KERNEL_VERSION, KERNEL_VERSIONS, KernelBuildError, build_kernel
-from .machine import Machine, MachineConfig, MachineError
+from .errors import VmError
+from .initramfs import build_initramfs
+from .kernel import DEFAULT_KERNEL_VERSION, KERNEL_VERSIONS, build_kernel
+from .machine import Machine, MachineConfig
 from .shares import BACKENDS, DEFAULT_BACKEND, Share
 from .swiotlb import DMA_MODES
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         return int(args.func(args))
-    except (KernelBuildError, InitramfsError, MachineError, AgentError, OSError, ValueError) as e:
+    except (VmError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

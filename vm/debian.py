@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import VmError
 from .paths import build_dir
 
 SUITE = "bookworm"
@@ -37,7 +38,7 @@ GUEST_ROOT = "/debian"
 ROOT_TAG = "debian-root"
 
 
-class DebianBuildError(RuntimeError):
+class DebianBuildError(VmError):
     """The Debian userland could not be built."""
 
 
@@ -130,7 +131,8 @@ def mount_script() -> str:
 
 def bind_share_script(tag: str) -> str:
     """Make the share mounted at /mnt/<tag> visible in the Debian tree."""
-    return f"mkdir -p {GUEST_ROOT}/mnt/{tag} && mount --bind /mnt/{tag} {GUEST_ROOT}/mnt/{tag}"
+    src, dst = shlex.quote(f"/mnt/{tag}"), shlex.quote(f"{GUEST_ROOT}/mnt/{tag}")
+    return f"mkdir -p {dst} && mount --bind {src} {dst}"
 
 
 def chroot_command(command: str) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import VmError
 from .paths import GUEST_SRC_DIR, build_dir
 
 BUSYBOX = Path("/bin/busybox")
@@ -48,7 +49,7 @@ ETC_GROUP = (
 ETC_PROFILE = 'export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nexport PS1="pva-guest:\\w# "\n'
 
 
-class InitramfsError(RuntimeError):
+class InitramfsError(VmError):
     """The initramfs or the guest agent could not be built."""
 
 

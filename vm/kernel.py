@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import VmError
 from .paths import KERNEL_CONFIG_DIR, build_dir
 
 #: Guest kernel versions this harness builds, newest first.
@@ -42,7 +43,7 @@ ANNOUNCES_VIRTIOFS_TAGS = frozenset({"6.12"})
 RECIPE_VERSION = "1"
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(VmError):
     """The guest kernel could not be configured or built."""
 
 

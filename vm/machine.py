@@ -28,6 +28,7 @@ from . import debian, swiotlb
 from .accel import choose_accel
 from .agent import AgentError, CommandResult, GuestAgent
 from .debian import build_debian_root
+from .errors import VmError
 from .initramfs import ExtraFile, build_initramfs
 from .kernel import (
     ANNOUNCES_VIRTIOFS_TAGS,
@@ -43,7 +44,7 @@ from .shares import FsDaemon, Share, ninep_device, vhost_user_device
 log = logging.getLogger("pyvirtiofsd.vm")
 
 
-class MachineError(RuntimeError):
+class MachineError(VmError):
     """The guest could not be started or controlled."""
 
 
@@ -231,12 +232,12 @@ class Machine:
                 if cfg.debian:
                     self.agent.run(debian.bind_share_script(share.tag), check=True)
         if cfg.dma_mode == "per-device":
-            self.dma = swiotlb.PerDeviceDma(self)
+            self.dma = swiotlb.PerDeviceDma(self.agent)
             used = {s.addr for s in late if s.addr is not None}
             free_slots = (n for n in range(0x8, 0x20) if n not in used)
             for i, share in enumerate(late):
                 slot = share.addr if share.addr is not None else next(free_slots)
-                self.dma.attach_share(share, f"fs{len(cold) + i}", slot)
+                self.attach_share_window(share, f"fs{len(cold) + i}", slot)
                 if cfg.debian:
                     self.agent.run(debian.bind_share_script(share.tag), check=True)
 
@@ -350,7 +351,7 @@ class Machine:
         The PCI ``driver`` link is no such signal: it appears before probe runs.
         """
         self.wait_in_guest(
-            f"ls -d /sys/bus/pci/devices/{address}/virtio*",
+            f"ls -d /sys/bus/pci/devices/{shlex.quote(address)}/virtio*",
             f"virtio-pci to probe {address}",
             timeout,
         )
@@ -373,6 +374,70 @@ class Machine:
                 break
         if remove_chardev:
             self.qmp_command("chardev-remove", id=f"chr-{device_id}")
+
+    # -- per-device swiotlb windows (the whole flow; vm/swiotlb.py's steps) --
+    def _windows(self) -> swiotlb.PerDeviceDma:
+        if self.dma is None:
+            raise MachineError("this guest was not started with dma_mode='per-device'")
+        return self.dma
+
+    def attach_share_window(
+        self, share: Share, device_id: str, slot: int, size: int = swiotlb.DEFAULT_WINDOW
+    ) -> swiotlb.Attached:
+        """Hot-plug ``share`` in ``slot`` with its own window: assign it in the
+        guest, start the daemon confined to it, plug, verify, mount."""
+        dma = self._windows()
+        address, window = dma.assign(slot, size)
+        strict = replace(
+            share,
+            addr=slot,
+            iommu_platform=True,
+            daemon_args=(*share.daemon_args, "--swiotlb", window.swiotlb_arg()),
+        )
+        try:
+            self.hotplug(strict, device_id, mount=False)
+            self.wait_for_virtio(address)
+            dma.verify(address, window)
+            self.mount_when_ready(strict)
+        except BaseException:
+            dma.abandon(address)
+            raise
+        att = swiotlb.Attached(device_id, address, window, strict)
+        dma.record(att)
+        return att
+
+    def attach_net_window(
+        self, device_id: str, slot: int, netdev: str, size: int = swiotlb.DEFAULT_WINDOW
+    ) -> swiotlb.Attached:
+        """Hot-plug a QEMU virtio-net device (``netdev`` must exist) with its own window."""
+        dma = self._windows()
+        address, window = dma.assign(slot, size)
+        try:
+            self.qmp_command(
+                "device_add",
+                driver="virtio-net-pci",
+                id=device_id,
+                netdev=netdev,
+                addr=f"{slot:#x}",
+                **{"disable-legacy": "on", "iommu_platform": True},
+            )
+            self.wait_for_virtio(address)
+            dma.verify(address, window)
+        except BaseException:
+            dma.abandon(address)
+            raise
+        att = swiotlb.Attached(device_id, address, window, None)
+        dma.record(att)
+        return att
+
+    def detach_window_device(self, device_id: str) -> None:
+        """Unmount (shares), unplug, and free the device's window on both sides."""
+        dma = self._windows()
+        att = dma.devices[device_id]
+        if att.share is not None:
+            self.agent.run(f"umount {shlex.quote(att.share.guest_mountpoint)}", check=True)
+        self.unplug(device_id, remove_chardev=att.share is not None)
+        dma.release(device_id)
 
     def debian_run(
         self, command: str, *, timeout: float = 600.0, check: bool = False

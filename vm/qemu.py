@@ -10,6 +10,11 @@ Every QEMU quirk the harness depends on lives here, next to the reason:
   ``iommu_platform=on`` only with ``disable-legacy=on``.
 - The harness owns the QMP and agent sockets (it listens; QEMU connects as a
   client), so nothing waits for a socket file to appear.
+- In an option list (``-device a=1,b=2``) a comma inside a value must be
+  doubled, or the rest of the value is parsed as further options (a share
+  directory named ``x,readonly=off`` would inject one): every value taken
+  from outside goes through ``opt()``. The legacy ``-serial file:PATH``
+  form has no escape at all, so the console is a ``-chardev file``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from pathlib import Path
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.pyvirtiofsd.agent.0"
+
+
+def opt(value: object) -> str:
+    """``value`` as one QEMU option value: commas doubled."""
+    return str(value).replace(",", ",,")
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class VhostUserFsDevice:
     queue_size: int = 1024
 
     def chardev_args(self) -> str:
-        return f"socket,id=chr-{self.id},path={self.socket}"
+        return f"socket,id=chr-{opt(self.id)},path={opt(self.socket)}"
 
     def qmp_device_add(self) -> dict[str, object]:
         """Arguments of QMP ``device_add`` for hot-plugging this device."""
@@ -68,9 +78,9 @@ class VhostUserFsDevice:
     def device_args(self) -> str:
         opts = [
             "vhost-user-fs-pci",
-            f"id={self.id}",
-            f"chardev=chr-{self.id}",
-            f"tag={self.tag}",
+            f"id={opt(self.id)}",
+            f"chardev=chr-{opt(self.id)}",
+            f"tag={opt(self.tag)}",
             f"queue-size={self.queue_size}",
             f"num-request-queues={self.num_request_queues}",
         ]
@@ -96,10 +106,15 @@ class NinePShare:
         # security_model=none: files are created with the daemon's (root's)
         # credentials, which is what a root-run peer of virtiofsd does.
         ro = ",readonly=on" if self.readonly else ""
-        return f"local,id=fsdev-{self.id},path={self.path},security_model=none{ro}"
+        return f"local,id=fsdev-{opt(self.id)},path={opt(self.path)},security_model=none{ro}"
 
     def device_args(self) -> str:
-        opts = ["virtio-9p-pci", f"id={self.id}", f"fsdev=fsdev-{self.id}", f"mount_tag={self.tag}"]
+        opts = [
+            "virtio-9p-pci",
+            f"id={opt(self.id)}",
+            f"fsdev=fsdev-{opt(self.id)}",
+            f"mount_tag={opt(self.tag)}",
+        ]
         if self.iommu_platform:
             opts += ["disable-legacy=on", "iommu_platform=on"]
         if self.addr is not None:
@@ -165,26 +180,26 @@ def qemu_command(spec: MachineSpec, qemu: str = QEMU_BINARY) -> list[str]:
         kernel_cmdline(spec),
         # QMP: QEMU connects to the harness's listening socket.
         "-chardev",
-        f"socket,id=qmp,path={spec.qmp_socket}",
+        f"socket,id=qmp,path={opt(spec.qmp_socket)}",
         "-mon",
         "chardev=qmp,mode=control",
         # Guest agent over virtio-serial; the harness listens here too.
         "-device",
         "virtio-serial-pci,id=vser",
         "-chardev",
-        f"socket,id=agent,path={spec.agent_socket}",
+        f"socket,id=agent,path={opt(spec.agent_socket)}",
         "-device",
         f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
     ]
     if spec.interactive:
         argv += [
             "-chardev",
-            f"stdio,id=con,mux=on,signal=off,logfile={spec.console_log}",
+            f"stdio,id=con,mux=on,signal=off,logfile={opt(spec.console_log)}",
             "-serial",
             "chardev:con",
         ]
     else:
-        argv += ["-serial", f"file:{spec.console_log}"]
+        argv += ["-chardev", f"file,id=con,path={opt(spec.console_log)}", "-serial", "chardev:con"]
     for d in spec.fs_devices:
         argv += ["-chardev", d.chardev_args(), "-device", d.device_args()]
     for s in spec.ninep_shares:

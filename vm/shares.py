@@ -17,6 +17,7 @@ no waiting for a socket file, no race.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .qemu import NinePShare, VhostUserFsDevice
 
 C_VIRTIOFSD = Path(os.environ.get("PYVIRTIOFSD_C_VIRTIOFSD", "/usr/lib/qemu/virtiofsd"))
 BACKENDS = ("pyvirtiofsd", "virtiofsd", "rust-virtiofsd", "9p")
+#: Request queues a backend can serve, where it is fewer than a guest may use.
+BACKEND_MAX_REQUEST_QUEUES = {"virtiofsd": 1}
 #: The backend shares use unless told otherwise.
 DEFAULT_BACKEND = os.environ.get("PYVIRTIOFSD_BACKEND", "pyvirtiofsd")
 
@@ -56,12 +59,13 @@ class Share:
         return f"/mnt/{self.tag}"
 
     def mount_command(self) -> str:
-        mp = self.guest_mountpoint
+        """The guest shell command mounting the share (tag and path quoted)."""
+        mp, tag = shlex.quote(self.guest_mountpoint), shlex.quote(self.tag)
         if self.backend == "9p":
             opts = "trans=virtio,version=9p2000.L,msize=262144,cache=none"
-            return f"mkdir -p {mp} && mount -t 9p -o {opts} {self.tag} {mp}"
+            return f"mkdir -p {mp} && mount -t 9p -o {opts} {tag} {mp}"
         ro = " -o ro" if self.readonly else ""
-        return f"mkdir -p {mp} && mount -t virtiofs{ro} {self.tag} {mp}"
+        return f"mkdir -p {mp} && mount -t virtiofs{ro} {tag} {mp}"
 
     @staticmethod
     def parse(text: str, **kwargs: object) -> Share:
@@ -152,9 +156,15 @@ def vhost_user_device(
     """The device for ``share``; ``num-request-queues`` defaults to ``cpus``.
 
     Linux 6.10+ uses at most one request queue per CPU (older guests use only
-    the first), so one per vCPU is the most a guest can keep busy.
+    the first), so one per vCPU is the most a guest can keep busy. Backends
+    with a lower limit (QEMU 7.2's C virtiofsd serves one request queue and
+    panics, "Invalid queue index: 2", when a 6.12 guest uses a second) get
+    that limit by default.
     """
-    queues = share.num_request_queues if share.num_request_queues is not None else cpus
+    if share.num_request_queues is not None:
+        queues = share.num_request_queues
+    else:
+        queues = min(cpus, BACKEND_MAX_REQUEST_QUEUES.get(share.backend, cpus))
     return VhostUserFsDevice(
         id=device_id,
         socket=socket_path,

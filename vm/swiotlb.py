@@ -14,20 +14,23 @@ window (``pyvirtiofsd.dma.WindowAllocator``) -> write the assignment into the
 guest -> start the backend with ``--swiotlb 0x<base>,<size>`` -> QMP
 ``device_add ...,iommu_platform=on,addr=<slot>`` -> read the device's sysfs
 files back and fail loudly on a mismatch -> mount. Unplug frees the window on
-both sides.
+both sides. This module holds the contract's steps (``PerDeviceDma``); the
+flow itself is ``Machine.attach_share_window`` / ``attach_net_window`` /
+``detach_window_device``, the one place that also drives QEMU and daemons.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyvirtiofsd.dma import Window, WindowAllocator
+from pyvirtiofsd.dma import Window, WindowAllocator, WindowError
 
 from .agent import GuestAgent
+from .errors import VmError
 
 if TYPE_CHECKING:
-    from .machine import Machine
     from .shares import Share
 
 DMA_MODES = ("off", "shared", "per-device")
@@ -36,7 +39,7 @@ DEFAULT_RANGE = 64 << 20  # virtio_swiotlb= reserved at boot
 DEFAULT_WINDOW = 16 << 20  # one device's window
 
 
-class SwiotlbError(RuntimeError):
+class SwiotlbError(VmError):
     """The guest and the host disagree about a window, or the guest refused one."""
 
 
@@ -76,8 +79,13 @@ def read_range(agent: GuestAgent) -> tuple[int, int]:
     return base, size
 
 
+def assignment_command(line: str) -> str:
+    """The guest shell command writing ``line`` to ``swiotlb_assign``."""
+    return f"printf '%s\\n' {shlex.quote(line)} > {DRIVER_SYSFS}/swiotlb_assign"
+
+
 def write_assignment(agent: GuestAgent, line: str) -> None:
-    r = agent.run(f"echo '{line}' > {DRIVER_SYSFS}/swiotlb_assign")
+    r = agent.run(assignment_command(line))
     if r.status != 0:
         why = r.stderr.decode(errors="replace").strip()
         raise SwiotlbError(f"guest refused swiotlb assignment {line!r}: {why}")
@@ -99,83 +107,62 @@ class Attached:
 
 
 class PerDeviceDma:
-    """Host side of per-device windows for one running guest."""
+    """The window table of one running guest, host side.
 
-    def __init__(self, vm: Machine) -> None:
-        self.vm = vm
-        base, size = read_range(vm.agent)
-        self.allocator = WindowAllocator(base, size)
+    It speaks the guest's sysfs contract through the agent (assign, verify,
+    release) and keeps the host's allocator and the devices holding windows;
+    it knows nothing of QEMU or daemons. ``Machine`` runs the per-device flow
+    (``attach_share_window``, ``attach_net_window``, ``detach_window_device``)
+    around these steps.
+    """
+
+    def __init__(self, agent: GuestAgent) -> None:
+        self.agent = agent
+        base, size = read_range(agent)
+        try:
+            self.allocator = WindowAllocator(base, size)
+        except WindowError as e:
+            raise SwiotlbError(f"the guest's range {base:#x}+{size:#x} is unusable: {e}") from e
         self.devices: dict[str, Attached] = {}
 
-    def _assign(self, slot: int, size: int) -> tuple[str, Window]:
+    def assign(self, slot: int, size: int) -> tuple[str, Window]:
+        """Allocate a window for the device in ``slot`` and tell the guest."""
         address = bdf(slot)
-        window = self.allocator.allocate(address, size)
         try:
-            write_assignment(self.vm.agent, window.assign_line())
+            window = self.allocator.allocate(address, size)
+        except WindowError as e:
+            raise SwiotlbError(f"no {size:#x}-byte window for {address}: {e}") from e
+        try:
+            write_assignment(self.agent, window.assign_line())
         except BaseException:
             self.allocator.free(address)
             raise
         return address, window
 
-    def _check(self, address: str, window: Window) -> None:
-        got = device_window(self.vm.agent, address)
+    def verify(self, address: str, window: Window) -> None:
+        """Fail loudly unless the guest gave the device at ``address`` ``window``."""
+        try:
+            got = device_window(self.agent, address)
+        except (OSError, ValueError) as e:
+            raise SwiotlbError(f"{address}: the guest reports no window ({e})") from e
         if got != (window.base, window.size):
             raise SwiotlbError(
                 f"{address}: the guest reports window {got[0]:#x}+{got[1]:#x}, "
                 f"the host assigned {window.base:#x}+{window.size:#x}"
             )
 
-    def attach_share(self, share: Share, device_id: str, slot: int,
-                     size: int = DEFAULT_WINDOW) -> Attached:  # fmt: skip
-        """The full per-device flow for one virtio-fs share."""
-        from dataclasses import replace
+    def record(self, att: Attached) -> None:
+        self.devices[att.device_id] = att
 
-        address, window = self._assign(slot, size)
-        try:
-            strict = replace(
-                share,
-                addr=slot,
-                iommu_platform=True,
-                daemon_args=(*share.daemon_args, "--swiotlb", window.swiotlb_arg()),
-            )
-            self.vm.hotplug(strict, device_id, mount=False)
-            self.vm.wait_for_virtio(address)
-            self._check(address, window)
-            self.vm.mount_when_ready(strict)
-        except BaseException:
-            self.allocator.free(address)
-            raise
-        att = Attached(device_id, address, window, strict)
-        self.devices[device_id] = att
-        return att
+    def abandon(self, address: str) -> None:
+        """Undo ``assign`` after a failed plug: free the host side, and the
+        guest's assignment unless a device still holds it."""
+        self.allocator.free(address)
+        self.agent.run(assignment_command(f"-{address}"))
 
-    def attach_net(self, device_id: str, slot: int, netdev: str,
-                   size: int = DEFAULT_WINDOW) -> Attached:  # fmt: skip
-        """A QEMU virtio-net device (netdev must exist) with its own window."""
-        address, window = self._assign(slot, size)
-        try:
-            self.vm.qmp_command(
-                "device_add",
-                driver="virtio-net-pci",
-                id=device_id,
-                netdev=netdev,
-                addr=f"{slot:#x}",
-                **{"disable-legacy": "on", "iommu_platform": True},
-            )
-            self.vm.wait_for_virtio(address)
-            self._check(address, window)
-        except BaseException:
-            self.allocator.free(address)
-            raise
-        att = Attached(device_id, address, window, None)
-        self.devices[device_id] = att
-        return att
-
-    def detach(self, device_id: str) -> None:
-        """Unmount (shares), unplug, and free the window on both sides."""
+    def release(self, device_id: str) -> Attached:
+        """Forget an unplugged device: remove its assignment, free its window."""
         att = self.devices.pop(device_id)
-        if att.share is not None:
-            self.vm.agent.run(f"umount {att.share.guest_mountpoint}", check=True)
-        self.vm.unplug(device_id, remove_chardev=att.share is not None)
-        write_assignment(self.vm.agent, f"-{att.address}")
+        write_assignment(self.agent, f"-{att.address}")
         self.allocator.free(att.address)
+        return att

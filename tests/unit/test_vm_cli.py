@@ -12,6 +12,7 @@ from pyvirtiofsd.vm import cli
 from pyvirtiofsd.vm.agent import CommandResult
 from pyvirtiofsd.vm.kernel import KERNEL_VERSIONS, KernelImage
 from pyvirtiofsd.vm.machine import MachineConfig
+from pyvirtiofsd.vm.swiotlb import SwiotlbError
 
 
 class FakeAgent:
@@ -96,3 +97,15 @@ def test_build_builds_every_kernel_version_unless_told_one(
     built.clear()
     assert cli.main(["build", "--kernel-version", "6.1"]) == 0
     assert built == ["6.1"]
+
+
+def test_run_reports_any_harness_error_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class RefusedWindow(FakeMachine):
+        def __enter__(self) -> FakeMachine:
+            raise SwiotlbError("guest refused swiotlb assignment")
+
+    monkeypatch.setattr(cli, "Machine", RefusedWindow)
+    assert cli.main(["run", "--share", str(tmp_path), "--cmd", "true"]) == 1
+    assert "error: guest refused swiotlb assignment" in capsys.readouterr().err

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pyvirtiofsd.vm import kernel
+from pyvirtiofsd.vm import debian, kernel, swiotlb
 from pyvirtiofsd.vm.initramfs import UEVENT_WAIT_SOURCE, CpioWriter, InitramfsError, build_agent
 from pyvirtiofsd.vm.shares import Share, daemon_argv, vhost_user_device
 
@@ -138,6 +139,8 @@ def test_request_queues_default_to_the_vcpu_count(tmp_path: Path) -> None:
     assert vhost_user_device(s, "fs0", tmp_path / "s").num_request_queues == 1
     pinned = Share(tmp_path, "q", backend="pyvirtiofsd", num_request_queues=1)
     assert vhost_user_device(pinned, "fs0", tmp_path / "s", cpus=4).num_request_queues == 1
+    c_daemon = Share(tmp_path, "q", backend="virtiofsd")  # QEMU 7.2's: one request queue
+    assert vhost_user_device(c_daemon, "fs0", tmp_path / "s", cpus=4).num_request_queues == 1
     args = vhost_user_device(s, "f", tmp_path / "s", 4).device_args()
     assert args.endswith(",num-request-queues=4")
 
@@ -162,3 +165,26 @@ def test_uevent_wait_listens_then_tries_and_times_out_without_the_event(tmp_path
     assert marker.read_text() == "x\n"
     assert run("ACTION=add").returncode == 2  # no command
     assert run("NOEQUALS", "--", "true").returncode == 2
+
+
+def test_guest_commands_quote_tags_and_paths(tmp_path: Path) -> None:
+    s = Share(tmp_path, "it's a;tag", backend="pyvirtiofsd")
+    mkdir, mount = (shlex.split(part) for part in s.mount_command().split(" && "))
+    assert mkdir == ["mkdir", "-p", "/mnt/it's a;tag"]
+    assert mount == ["mount", "-t", "virtiofs", "it's a;tag", "/mnt/it's a;tag"]
+    nine = Share(tmp_path, "$(reboot)", backend="9p").mount_command()
+    assert shlex.split(nine.split(" && ")[1])[-2:] == ["$(reboot)", "/mnt/$(reboot)"]
+    bind = shlex.split(debian.bind_share_script("a b").split(" && ")[1])
+    assert bind == ["mount", "--bind", "/mnt/a b", "/debian/mnt/a b"]
+    cmd = swiotlb.assignment_command("0000:00:08.0 0x1 2'; reboot -f; '")
+    assert shlex.split(cmd)[:3] == ["printf", "%s\\n", "0000:00:08.0 0x1 2'; reboot -f; '"]
+
+
+def test_every_harness_error_has_one_root() -> None:
+    from pyvirtiofsd.vm.agent import AgentError, GuestCommandError
+    from pyvirtiofsd.vm.errors import VmError
+    from pyvirtiofsd.vm.machine import MachineError
+
+    for cls in (kernel.KernelBuildError, InitramfsError, debian.DebianBuildError, AgentError,
+                GuestCommandError, MachineError, swiotlb.SwiotlbError):  # fmt: skip
+        assert issubclass(cls, VmError), cls

@@ -12,6 +12,7 @@ from pyvirtiofsd.vm.qemu import (
     VhostUserFsDevice,
     accel_args,
     kernel_cmdline,
+    opt,
     qemu_command,
 )
 
@@ -45,7 +46,9 @@ def test_harness_owns_the_sockets_qemu_is_the_client() -> None:
 
 
 def test_console_goes_to_a_file_or_to_stdio_with_a_log() -> None:
-    assert opt_values(qemu_command(spec()), "-serial") == ["file:/l/console"]
+    argv = qemu_command(spec())
+    assert opt_values(argv, "-serial") == ["chardev:con"]
+    assert "file,id=con,path=/l/console" in opt_values(argv, "-chardev")
     argv = qemu_command(spec(interactive=True))
     assert opt_values(argv, "-serial") == ["chardev:con"]
     assert "stdio,id=con,mux=on,signal=off,logfile=/l/console" in opt_values(argv, "-chardev")
@@ -77,3 +80,20 @@ def test_kernel_cmdline_and_accel() -> None:
     assert accel_args("kvm")[:2] == ["-accel", "kvm"]
     with pytest.raises(ValueError):
         accel_args("hvf")
+
+
+def test_commas_in_option_values_are_doubled_never_parsed_as_options() -> None:
+    assert opt("/srv/a,readonly=off") == "/srv/a,,readonly=off"
+    ninep = NinePShare("p0", Path("/srv/a,b"), "t", readonly=True)
+    fs = VhostUserFsDevice("fs0", Path("/s/x,server=on.sock"), "tag0")
+    argv = qemu_command(
+        spec(fs_devices=(fs,), ninep_shares=(ninep,), console_log=Path("/l/con,sole"))
+    )
+    fsdev = opt_values(argv, "-fsdev")
+    assert fsdev == ["local,id=fsdev-p0,path=/srv/a,,b,security_model=none,readonly=on"]
+    chardevs = opt_values(argv, "-chardev")
+    assert "socket,id=chr-fs0,path=/s/x,,server=on.sock" in chardevs
+    assert "file,id=con,path=/l/con,,sole" in chardevs
+    # What QEMU's option parser sees: ",," is a literal comma, "," splits.
+    keys = [kv.split("=", 1)[0] for kv in fsdev[0].replace(",,", "\0").split(",")]
+    assert keys == ["local", "id", "path", "security_model", "readonly"]

@@ -73,7 +73,7 @@ def test_each_device_bounces_through_its_own_window(
         assert vm.dma is not None
         att = {a.share.tag: a for a in vm.dma.devices.values() if a.share is not None}
         assert {att["a"].address, att["b"].address} == {"0000:00:08.0", "0000:00:09.0"}
-        net = vm.dma.attach_net("net0", 0xA, "n0")
+        net = vm.attach_net_window("net0", 0xA, "n0")
         windows = [att["a"].window, att["b"].window, net.window]
         # disjoint windows, inside the guest's range, as the guest reports them
         spans = sorted((w.base, w.base + w.size) for w in windows)
@@ -111,11 +111,11 @@ def test_each_device_bounces_through_its_own_window(
 
         # hot-unplug frees the window on both sides; the slot and window are reusable
         a_window = att["a"].window
-        vm.dma.detach(att["a"].device_id)
+        vm.detach_window_device(att["a"].device_id)
         assert vm.dma.allocator.get("0000:00:08.0") is None
         assigned = vm.agent.read_file("/sys/bus/pci/drivers/virtio-pci/swiotlb_assign").decode()
         assert "0000:00:08.0" not in assigned
-        again = vm.dma.attach_share(shares[0], "fs-again", 0x8)
+        again = vm.attach_share_window(shares[0], "fs-again", 0x8)
         assert again.window == a_window
         load(vm, "a", tmp_path / "a")
 

@@ -18,7 +18,7 @@ SEG = 256 * 1024
 def start_mismatched(vm: Machine, root: Path, daemon_window: Window) -> tuple[str, Share]:
     """Assign the guest a 16 MiB window at slot 8 but give the daemon another."""
     assert vm.dma is not None
-    address, _guest_window = vm.dma._assign(8, 16 << 20)
+    address, _guest_window = vm.dma.assign(8, 16 << 20)
     share = Share(
         root,
         "mm",
