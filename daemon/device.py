@@ -47,6 +47,7 @@ from pyvirtiofsd.dma import (
     GuestMemory,
     MemoryRegion,
     QueueError,
+    QueueStats,
     SlowQueue,
     VirtQueue,
 )
@@ -148,6 +149,7 @@ class FsDevice(VhostUserDeviceBase):
         self._stats_file = stats_file
         self._stats_stop = threading.Event()
         self._stats_thread: threading.Thread | None = None
+        self._logged_counts: list[QueueStats] = []
 
     # -- features ------------------------------------------------------------
     def num_queues(self) -> int:
@@ -279,6 +281,9 @@ class FsDevice(VhostUserDeviceBase):
         return self._status
 
     def reset(self) -> None:
+        # Lock waits end first (EIO): a SETLKW blocked in a worker would
+        # otherwise hold every ring's drain for DRAIN_TIMEOUT.
+        self.session.fs.locks.reset()
         for ring in self._rings:
             self._stop(ring)
             ring.vq.reset()
@@ -472,6 +477,10 @@ class FsDevice(VhostUserDeviceBase):
             self._write_stats()
 
     def _log_queue_stats(self) -> None:
+        counts = [r.vq.stats() for r in self._rings]
+        if counts == self._logged_counts:
+            return  # reset() then close(): said once
+        self._logged_counts = counts
         busy = [r for r in self._rings if r.vq.stats().requests]
         if not busy:
             return

@@ -400,3 +400,28 @@ async def test_lookup_hits_are_answered_in_place_and_counted(tmp_path: Path) -> 
         err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
         assert err == 0 and parse_entry(payload).nodeid > nodeid
         assert fast(rig).stats().lookup == before
+
+
+async def test_device_reset_ends_a_lock_wait_at_once(tmp_path: Path) -> None:
+    """A SETLKW blocked in a worker must not hold the reset for the drain timeout."""
+    import time
+
+    from pyvirtiofsd.daemon import device as device_mod
+
+    SETLK, SETLKW = 32, 33
+    lk = struct.Struct("<QQQQIIII")
+    async with running_device(tmp_path, posix_locks=True) as rig:
+        nodeid, fh = await setup_file(rig)
+        body = lk.pack(fh, 1, 0, 100, 1, 0, 0, 0)  # owner 1: write lock on [0, 100]
+        assert (await rig.fuse(SETLK, nodeid, body))[0] == 0
+        rig.unique += 1
+        waiter = rig.q.add_chain([request(SETLKW, nodeid, lk.pack(fh, 2, 0, 100, 1, 0, 0, 0),
+                                          unique=rig.unique)], [16])  # fmt: skip
+        os.eventfd_write(rig.kick, 1)
+        assert (await rig.fuse(GETATTR, 1, bytes(16)))[0] == 0  # owner 2 is waiting meanwhile
+        dev = rig.devices[0]
+        start = time.monotonic()
+        await trio.to_thread.run_sync(dev.reset)
+        took = time.monotonic() - start
+        assert took < device_mod.DRAIN_TIMEOUT / 2, took
+        del waiter
