@@ -81,10 +81,10 @@ def test_guest_reads_share(
         pids = vm.pids()
         daemon_log = vm.daemons[0].process.log_path
     if variant == "two-request-queues":
-        # QEMU started hiprio + both request queues, each with its own worker
+        # QEMU started hiprio + both request queues, each with its own runner
         text = daemon_log.read_text()
         for q in range(3):
-            assert f"queue {q}: worker started" in text
+            assert f"queue {q}: runner started" in text
     assert not any(pid_exists(p) for p in pids)
 
 
