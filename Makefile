@@ -18,7 +18,7 @@ RUN_ARGS   ?=
 
 PYTEST     := $(PY) -m pytest
 
-.PHONY: all deps system-deps venv guest run test unit-test vm-test sanitize lint bench clean distclean
+.PHONY: all deps system-deps venv guest run test unit-test vm-test sanitize fuzz lint bench clean distclean
 
 all: deps guest
 
@@ -69,6 +69,12 @@ bench: deps $(if $(filter daemon,$(SUITE)),,guest)
 # The C core's tests under ASan + UBSan (a report fails the run); part of `make test`.
 sanitize: deps
 	scripts/sanitize.sh
+
+# Long fuzzing run: FUSE decode/dispatch against a temporary share (tests/fuzz,
+# corpus in tests/fuzz/corpus). `make test` runs the same harnesses briefly.
+FUZZ_EXAMPLES ?= 20000
+fuzz: deps
+	PYVIRTIOFSD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/fuzz --hypothesis-show-statistics
 
 lint: deps
 	$(VENV)/bin/ruff check .
