@@ -80,7 +80,12 @@ def timed_write(vm: Machine, path: str, size_mib: int) -> float:
 
 def run_peers(size_mib: int, passes: int, bs: str, accel: str) -> dict[str, Result]:
     data = make_data(size_mib)
-    shares = [Share(data.parent, tag, backend=backend) for backend, tag in PEERS]
+    # The C and the Rust virtiofsd serve one request queue (libvhost-user's
+    # virtiofsd panics on a second); pyvirtiofsd gets one per vCPU.
+    shares = [
+        Share(data.parent, tag, backend=b, num_request_queues=None if b == "pyvirtiofsd" else 1)
+        for b, tag in PEERS
+    ]
     results = {backend: Result(backend) for backend, _ in PEERS}
     with Machine(MachineConfig(shares=shares, accel=accel), name="bench-peers") as vm:
         for _ in range(passes):
@@ -108,7 +113,7 @@ def run_modes(size_mib: int, passes: int, bs: str, accel: str) -> dict[str, Resu
 def _line(r: Result, size_mib: int) -> str:
     rb, wb = min(r.read), min(r.write)
     return (
-        f"  {r.name:12s} read  best {rb:6.3f} s ({size_mib / rb:7.1f} MiB/s) "
+        f"  {r.name:14s} read  best {rb:6.3f} s ({size_mib / rb:7.1f} MiB/s) "
         f"median {statistics.median(r.read):6.3f} s | "
         f"write best {wb:6.3f} s ({size_mib / wb:7.1f} MiB/s) "
         f"median {statistics.median(r.write):6.3f} s"
