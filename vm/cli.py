@@ -41,7 +41,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     for v in versions:
         img = build_kernel(args.jobs, version=v)
         if img.build_seconds is None:
-            print(f"kernel {v:<5}: {img.bzimage} (cached, key {img.key})")
+            took = img.bzimage.with_name("build-seconds")
+            built = f", built in {float(took.read_text()):.0f} s" if took.is_file() else ""
+            print(f"kernel {v:<5}: {img.bzimage} (cached, key {img.key}{built})")
         else:
             print(f"kernel {v:<5}: {img.bzimage} (built in {img.build_seconds:.0f} s)")
     initrd = build_initramfs()
