@@ -50,7 +50,7 @@ from pyvirtiofsd.vm.process import ChildProcess
 
 from . import fuse
 from .frontend import FakeFrontend
-from .loadgen import GuestRam, LoadGenError, QueueDriver, RunResult, Step, run
+from .loadgen import GuestRam, LoadGenError, QueueDriver, RunResult, Step, run, run_per_queue
 from .peers import PEERS, PeerUnavailable, peer_argv
 
 __all__ = [
@@ -232,7 +232,14 @@ class Session:
         return self.ctx
 
     async def measure(
-        self, workload: Workload, depth: int, nqueues: int, warmup: float, duration: float
+        self,
+        workload: Workload,
+        depth: int,
+        nqueues: int,
+        warmup: float,
+        duration: float,
+        *,
+        per_queue_threads: bool = False,
     ) -> tuple[RunResult, int]:
         """Run one cell; returns the result and the number of queues used."""
         assert self.ctx is not None
@@ -240,7 +247,8 @@ class Session:
         for qi, q in enumerate(used):
             q.load_program([workload.program(self.ctx, qi, s, depth) for s in range(depth)],
                            finish=workload.finish)  # fmt: skip
-        res = await trio.to_thread.run_sync(lambda: run(used, warmup=warmup, duration=duration))
+        drive = run_per_queue if per_queue_threads and len(used) > 1 else run
+        res = await trio.to_thread.run_sync(lambda: drive(used, warmup=warmup, duration=duration))
         return res, len(used)
 
     def close(self) -> None:
@@ -369,7 +377,9 @@ async def _round(
             return [_failed(peer, rnd, c, str(e)) for c in todo]
         for name, depth, nq in todo:
             w = WORKLOADS[name]
-            res, used = await sess.measure(w, depth, nq, args.warmup, args.duration)
+            threads = args.generator == "per-queue"
+            res, used = await sess.measure(w, depth, nq, args.warmup, args.duration,
+                                           per_queue_threads=threads)  # fmt: skip
             rec = {
                 "peer": peer, "round": rnd, "workload": name, "depth": depth, "queues": nq,
                 "queues_used": used, "unit": w.unit, "ops": res.ops, "total": res.total,
@@ -413,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer-args", type=_peer_args, action="append", default=[],
                    metavar="PEER=ARGS",
                    help="extra command-line arguments for one peer (repeatable)")  # fmt: skip
+    g.add_argument("--generator", choices=("one", "per-queue"), default="one",
+                   help="one generator thread for every queue (default; the lightest on "
+                   "a small machine), or one thread per request queue")  # fmt: skip
     g.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     g.add_argument("--queues", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     return ap
@@ -456,13 +469,15 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
     table = markdown_table(rows, peers)
     head = (f"daemon benchmark, {time.strftime('%Y-%m-%d %H:%M:%S')}, {platform.node()}, "
             f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.duration} s "
-            f"(+{args.warmup} s warm-up), peers interleaved by round; "
+            f"(+{args.warmup} s warm-up), peers interleaved by round, "
+            f"generator threads: {args.generator}; "
             "median (min-max)\n\n")  # fmt: skip
     (out / "daemon.md").write_text(head + table)
     (out / "daemon.json").write_text(json.dumps({
         "suite": "daemon", "peers": peers, "commands": meta,
         "args": {k: v for k, v in vars(args).items() if k in
-                 ("duration", "warmup", "rounds", "workloads", "depths", "queues", "peer_args")},
+                 ("duration", "warmup", "rounds", "workloads", "depths", "queues", "peer_args",
+                  "generator")},
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release()},
         "wall_s": time.monotonic() - started, "records": records,
     }, indent=1))  # fmt: skip

@@ -20,7 +20,7 @@ import trio
 
 from pyvirtiofsd.bench import fuse
 from pyvirtiofsd.bench.daemon import WORKLOADS, Session, open_session, prepare_share
-from pyvirtiofsd.bench.loadgen import GuestRam, QueueDriver, Step, run
+from pyvirtiofsd.bench.loadgen import GuestRam, QueueDriver, Step, run, run_per_queue
 
 # ------------------------------------------------------------------ fake device
 
@@ -214,3 +214,14 @@ async def test_pyvirtiofsd_wrong_error_is_caught(tmp_path: Path) -> None:
         res = await trio.to_thread.run_sync(lambda: run([q], duration=60, max_ops=100))
         assert res.failure == 3 and "reply error -2, expected 0" in res.message
         assert res.total <= 2  # stopped at the first bad reply
+
+
+async def test_pyvirtiofsd_one_generator_thread_per_queue(tmp_path: Path) -> None:
+    async with pyvirtiofsd(tmp_path, queues=2) as sess:
+        for qi, q in enumerate(sess.queues):
+            q.load_program(programs("getattr", sess, qi, 4))
+        res = await trio.to_thread.run_sync(lambda: run_per_queue(sess.queues, duration=0.2))
+        res.check()
+        # both threads counted, every request they started completed (the drain)
+        assert len(res.per_queue) == 2 and min(res.per_queue) > 0
+        assert res.total >= res.ops == sum(res.per_queue)
