@@ -295,6 +295,17 @@ def make_listener(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def remove_socket_file(path: str) -> None:
+    """``unlinkat`` relative to the socket's directory: the seccomp filter
+    allows unlinkat (the passthrough's call), not unlink."""
+    parent, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def confine(
     args: argparse.Namespace, shared: Path, listener: socket.socket, keep: frozenset[str]
 ) -> Path:
@@ -307,7 +318,7 @@ def confine(
         listener.close()
         if args.socket_path:
             with contextlib.suppress(OSError):
-                os.unlink(args.socket_path)
+                remove_socket_file(args.socket_path)
 
     if args.seccomp != "none":
         seccomp.load_library()
@@ -397,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         # sandbox's outer process removes the socket file instead.
         if args.socket_path and shared_dir == shared.resolve():
             with contextlib.suppress(OSError):
-                os.unlink(args.socket_path)
+                remove_socket_file(args.socket_path)
     return 0
 
 

@@ -259,6 +259,15 @@ def test_forbidden_syscall_kills_the_sandboxed_daemon_and_is_logged(
 
 
 @root_only
+def test_unsandboxed_daemon_under_seccomp_removes_its_socket(daemon_factory: object) -> None:
+    d: Daemon = daemon_factory("--sandbox", "none", "--seccomp", "kill")  # type: ignore[operator]
+    d.wait_for(b"serving")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0, d.log.decode()
+    assert not d.sock.exists()
+
+
+@root_only
 def test_forbidden_syscall_kills_an_unsandboxed_daemon(daemon_factory: object) -> None:
     d: Daemon = daemon_factory("--sandbox", "none", "--seccomp", "kill", code=FORBIDDEN)  # type: ignore[operator]
     code = d.finish()
@@ -289,3 +298,18 @@ def test_cli_logs_the_limit(daemon_factory: object) -> None:
 
 def test_default_mode_by_privilege() -> None:
     assert sandbox.default_mode() == ("namespace" if os.geteuid() == 0 else "none")
+
+
+@root_only
+def test_seccomp_trap_and_log_modes(daemon_factory: object) -> None:
+    # trap: SIGSYS, faulthandler prints the Python stacks, then the process dies
+    d: Daemon = daemon_factory("--sandbox", "none", "--seccomp", "trap", code=FORBIDDEN)  # type: ignore[operator]
+    code = d.finish()
+    log = d.log.decode()
+    assert code == -signal.SIGSYS, log
+    assert "run_service" in log and "most recent call first" in log, log
+    assert "still alive" not in log
+    # log: the kernel records the call and lets it through
+    d = daemon_factory("--sandbox", "none", "--seccomp", "log", code=FORBIDDEN)  # type: ignore[operator]
+    assert d.finish() == 0
+    assert b"still alive" in d.log
