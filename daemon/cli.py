@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="keep per-queue request counts here as JSON while serving (rewritten "
-        "every 0.2 s and when a device stops)",
+        "every 0.2 s and when a device stops); implies --sandbox none",
     )
     ap.add_argument(
         "--num-request-queues",
@@ -313,6 +313,12 @@ def confine(
     (mounts need CAP_SYS_ADMIN, which goes; the filter allows no mount).
     Runs while the process has one thread; returns the share's path inside."""
     mode = args.sandbox or (DEFAULT_SANDBOX_ROOT if os.geteuid() == 0 else "none")
+    if args.stats_file is not None and mode != "none":
+        # The device rewrites it by path, which does not exist inside the sandbox.
+        if args.sandbox is not None:
+            raise ValueError("--stats-file needs --sandbox none (the file lies outside)")
+        log.info("--stats-file given: running without a sandbox")
+        mode = "none"
 
     def parent_cleanup() -> None:  # the outer process of the namespace sandbox
         listener.close()

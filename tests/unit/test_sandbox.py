@@ -313,3 +313,18 @@ def test_seccomp_trap_and_log_modes(daemon_factory: object) -> None:
     d = daemon_factory("--sandbox", "none", "--seccomp", "log", code=FORBIDDEN)  # type: ignore[operator]
     assert d.finish() == 0
     assert b"still alive" in d.log
+
+
+@root_only
+def test_stats_file_runs_unsandboxed(daemon_factory: object, tmp_path: Path) -> None:
+    """The stats file is rewritten by path, which the sandbox cannot reach."""
+    d: Daemon = daemon_factory("--stats-file", str(tmp_path / "stats.json"))  # type: ignore[operator]
+    d.wait_for(b"serving")
+    assert os.readlink(f"/proc/{d.proc.pid}/root") == "/"
+    with open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children") as f:
+        assert f.read() == ""  # no sandboxed child: this process serves
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0
+    d = daemon_factory("--stats-file", str(tmp_path / "s.json"), "--sandbox", "chroot")  # type: ignore[operator]
+    assert d.finish() == 1
+    assert b"--stats-file needs --sandbox none" in d.log
