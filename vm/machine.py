@@ -311,22 +311,8 @@ class Machine:
         """
         cmd = share.mount_command()
         if self.kernel_version in ANNOUNCES_VIRTIOFS_TAGS:
-            r = self.agent.run(
-                shlex.join(
-                    [
-                        "pva-uevent-wait",
-                        "-t",
-                        f"{timeout:g}",
-                        "ACTION=add",
-                        "SUBSYSTEM=virtiofs",
-                        f"TAG={share.tag}",
-                        "--",
-                        "sh",
-                        "-c",
-                        cmd,
-                    ]
-                ),
-                timeout=timeout + 30,
+            r = self.run_on_uevent(
+                cmd, ("ACTION=add", "SUBSYSTEM=virtiofs", f"TAG={share.tag}"), timeout
             )
             if r.status != 0:
                 raise MachineError(
@@ -344,17 +330,36 @@ class Machine:
                     f"{r.stderr.decode(errors='replace').strip()}"
                 ) from e
 
+    def run_on_uevent(
+        self, command: str, keys: Sequence[str], timeout: float = 30.0
+    ) -> CommandResult:
+        """Run a guest shell ``command``; if it fails, run it once more when a
+        uevent carrying every ``KEY=VALUE`` of ``keys`` arrives.
+
+        The guest's ``pva-uevent-wait`` listens before the first try, so an
+        event is never missed; no polling. Returns the last try's result
+        (status 124 when no such event came within ``timeout``).
+        """
+        argv = ["pva-uevent-wait", "-t", f"{timeout:g}", *keys, "--", "sh", "-c", command]
+        return self.agent.run(shlex.join(argv), timeout=timeout + 30)
+
     def wait_for_virtio(self, address: str, timeout: float = 30.0) -> None:
         """Wait until virtio-pci has finished probing the hot-plugged device at
         ``address`` (its virtio device is registered).
 
         The PCI ``driver`` link is no such signal: it appears before probe runs.
+        The driver core's ``bind`` uevent for the PCI device is: it is sent
+        once ``virtio_pci_probe()`` returned (both kernels).
         """
-        self.wait_in_guest(
+        r = self.run_on_uevent(
             f"ls -d /sys/bus/pci/devices/{shlex.quote(address)}/virtio*",
-            f"virtio-pci to probe {address}",
+            ("ACTION=bind", "SUBSYSTEM=pci", f"PCI_SLOT_NAME={address}", "DRIVER=virtio-pci"),
             timeout,
         )
+        if r.status != 0:
+            raise MachineError(
+                f"timed out after {timeout:.0f} s waiting for virtio-pci to probe {address}"
+            )
 
     def unplug(self, device_id: str, timeout: float = 30.0, *, remove_chardev: bool = True) -> None:
         """``device_del`` and wait for QEMU's DEVICE_DELETED (the guest released it)."""
