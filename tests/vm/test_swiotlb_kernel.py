@@ -1,4 +1,4 @@
-"""The guest kernel's per-device virtio swiotlb windows (kernel-config/patches).
+"""The guest kernel's per-device virtio swiotlb windows (kernel-config/<version>/patches).
 
 The contract (DESIGN.md, "The swiotlb window contract"), guest side:
 
