@@ -386,6 +386,7 @@ async def _round(
                 "measured_s": res.measured_s, "ops_per_s": res.ops_per_s,
                 "value": w.value(res.ops_per_s), "per_queue": list(res.per_queue),
                 "kicks": res.kicks, "calls": res.calls, "loadgen_busy": res.busy,
+                "unsignalled": res.unsignalled,
                 "failure": res.failure,
                 "message": res.message,
             }  # fmt: skip

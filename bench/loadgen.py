@@ -356,6 +356,7 @@ class RunResult:
     failure: int
     message: str
     busy: float = 0.0  # the loop's CPU time / wall time: near 1, it set the pace
+    unsignalled: int = 0  # completions the loop found without a call notification
 
     @property
     def ops_per_s(self) -> float:
@@ -393,6 +394,7 @@ def run(
         failure=int(res.failure),
         message=ffi.string(res.message).decode(errors="replace"),
         busy=res.cpu_ns / res.wall_ns if res.wall_ns > 0 else 0.0,
+        unsignalled=int(res.unsignalled),
     )
 
 
@@ -434,4 +436,5 @@ def run_per_queue(
         failure=failed.failure if failed else 0,
         message=failed.message if failed else "",
         busy=max(r.busy for r in done),
+        unsignalled=sum(r.unsignalled for r in done),
     )

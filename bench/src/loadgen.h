@@ -82,6 +82,9 @@ struct pvb_result {
     int64_t wall_ns;         /* the whole call, warm-up and drain included */
     int64_t cpu_ns;          /* CPU time of this thread over the call: near wall_ns
                               * means the load generator, not the daemon, set the pace */
+    uint64_t unsignalled;    /* completions found after a 10 ms wait no call eventfd ended:
+                              * the device did not signal them (we never set
+                              * VRING_AVAIL_F_NO_INTERRUPT) or signalled late */
     int32_t failure;         /* PVB_* */
     int32_t queue;           /* queue index (into queues) of the failure */
     char message[PVB_MSG_LEN];
