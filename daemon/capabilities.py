@@ -197,7 +197,7 @@ def current() -> tuple[int, int, int]:
     return eff, prm, inh
 
 
-def restrict(keep: frozenset[str]) -> int:
+def restrict(keep: frozenset[str], *, who: str = "daemon") -> int:
     """Reduce the process to ``keep``: effective = permitted = ``keep`` (as far
     as it was permitted), no inheritable or ambient capabilities, and every
     other capability dropped from the bounding set.  Returns the new mask."""
@@ -218,7 +218,7 @@ def restrict(keep: frozenset[str]) -> int:
         data[i].inheritable = 0
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
     kept = sorted(n for n, c in CAP_NAMES.items() if mask >> c & 1)
-    log.info("capabilities kept: %s", ", ".join(kept) or "none")
+    log.info("capabilities kept (%s): %s", who, ", ".join(kept) or "none")
     return mask
 
 

@@ -47,9 +47,9 @@ LOG_LEVELS = {
 }
 
 #: ``--sandbox`` when root and none is given (``none`` when not root).
-DEFAULT_SANDBOX_ROOT = "none"
+DEFAULT_SANDBOX_ROOT = "namespace"
 #: ``--seccomp`` when none is given.
-DEFAULT_SECCOMP = "none"
+DEFAULT_SECCOMP = "kill"
 
 #: What ``--print-capabilities`` prints (docs/interop/vhost-user.json):
 #: the "fs" member of VHostUserBackendCapabilities carries no features.

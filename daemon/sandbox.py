@@ -232,7 +232,7 @@ def _supervise(child: int, cleanup: Callable[[], None], ready: int) -> int:
     # no capability: the outer process keeps none.
     try:
         if os.geteuid() == 0:
-            capabilities.restrict(frozenset())
+            capabilities.restrict(frozenset(), who="outer process")
         capabilities.set_no_new_privs()
     except (OSError, RuntimeError) as e:
         log.warning("sandbox: the outer process keeps its capabilities: %s", e)

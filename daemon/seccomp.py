@@ -26,7 +26,8 @@ submounts, fio, stress-ng, dbench, per-device DMA) under ``--seccomp log``
 process (CPython 3.11, trio's epoll loop, cffi, the C core in
 ``dma/src``).  Kept although not seen there: exit/exit_group and
 rt_sigreturn (thread and process exit, signal return), tgkill
-(``abort``, ``raise``), the time calls behind the vDSO,
+(``abort``, ``raise``), writev (glibc's fatal-error message before an
+abort: assert, heap checks), the time calls behind the vDSO,
 nanosleep/clock_nanosleep (``time.sleep``), getrandom, mremap (glibc
 realloc of large blocks), dup, pread64/pwrite64, renameat2 (RENAME2
 flags), sendmsg/getsockopt, statx and sched_yield.
@@ -101,6 +102,7 @@ ALLOWED: tuple[str, ...] = (
     "poll",
     "read",
     "write",
+    "writev",
     "pread64",
     "pwrite64",
     "preadv",
