@@ -140,10 +140,13 @@ class Daemon:
         self.log = b""
 
     def wait_for(self, needle: bytes, timeout: float = 30) -> None:
+        self.wait_count(needle, 1, timeout)
+
+    def wait_count(self, needle: bytes, count: int, timeout: float = 30) -> None:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         fd = self.proc.stderr.fileno()
-        while needle not in self.log:
+        while self.log.count(needle) < count:
             left = deadline - time.monotonic()
             assert left > 0, self.log.decode(errors="replace")
             ready, _, _ = select.select([fd], [], [], left)
@@ -328,3 +331,21 @@ def test_stats_file_runs_unsandboxed(daemon_factory: object, tmp_path: Path) -> 
     d = daemon_factory("--stats-file", str(tmp_path / "s.json"), "--sandbox", "chroot")  # type: ignore[operator]
     assert d.finish() == 1
     assert b"--stats-file needs --sandbox none" in d.log
+
+
+@needs_ns
+def test_keep_listening_serves_the_next_front_end_inside_the_sandbox(
+    daemon_factory: object,
+) -> None:
+    """Each front-end gets a fresh filesystem: its root ("/") and /proc fd are
+    reopened inside the sandbox."""
+    d: Daemon = daemon_factory("--keep-listening")  # type: ignore[operator]
+    d.wait_for(b"serving /")
+    for n in (1, 2):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(d.sock))
+        d.wait_count(b"front-end disconnected", n)
+    assert d.proc.poll() is None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0, d.log.decode()
+    assert b"Traceback" not in d.log
