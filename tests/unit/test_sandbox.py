@@ -349,3 +349,17 @@ def test_keep_listening_serves_the_next_front_end_inside_the_sandbox(
     d.proc.send_signal(signal.SIGTERM)
     assert d.finish() == 0, d.log.decode()
     assert b"Traceback" not in d.log
+
+
+@root_only
+def test_modcaps_reaches_the_running_daemon(daemon_factory: object) -> None:
+    d: Daemon = daemon_factory("--sandbox", "none", "--modcaps", "+sys_admin:-mknod")  # type: ignore[operator]
+    d.wait_for(b"serving")
+    eff = int(status_fields(d.proc.pid)["CapEff"], 16)
+    want = (DEFAULT_MASK | 1 << CAP_NAMES["sys_admin"]) & ~(1 << CAP_NAMES["mknod"])
+    assert eff == want & capabilities.current()[1]
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish() == 0
+    bad = daemon_factory("--modcaps", "+nonsense")  # type: ignore[operator]
+    assert bad.finish() == 1
+    assert b"unknown capability" in bad.log
