@@ -70,8 +70,9 @@ bench: deps $(if $(filter daemon,$(SUITE)),,guest)
 sanitize: deps
 	scripts/sanitize.sh
 
-# Long fuzzing run: FUSE decode/dispatch against a temporary share (tests/fuzz,
-# corpus in tests/fuzz/corpus). `make test` runs the same harnesses briefly.
+# Long fuzzing run (tests/fuzz): FUSE decode/dispatch against a temporary share
+# (corpus in tests/fuzz/corpus), vhost-user decode + handler state machine.
+# `make test` runs the same harnesses briefly.
 FUZZ_EXAMPLES ?= 20000
 fuzz: deps
 	PYVIRTIOFSD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/fuzz --hypothesis-show-statistics
