@@ -36,6 +36,7 @@ import importlib.abc
 import importlib.machinery
 import logging
 import os
+import pkgutil
 import platform
 import signal
 import sys
@@ -146,9 +147,24 @@ class LateImportLogger(importlib.abc.MetaPathFinder):
         return None
 
 
+#: Daemon modules never imported by the serving daemon.
+_NOT_PRELOADED = ("pyvirtiofsd.daemon.hostmount", "pyvirtiofsd.daemon.__main__")
+
+
+def _package_modules(package: str) -> list[str]:
+    """Every module of ``package`` (so that a module added later is covered too)."""
+    pkg = importlib.import_module(package)
+    return [
+        info.name
+        for info in pkgutil.walk_packages(pkg.__path__, f"{package}.")
+        if info.name not in _NOT_PRELOADED
+    ]
+
+
 def preload(extra: Sequence[str] = ()) -> None:
     """Import every module the daemon needs once it is confined."""
-    for name in (*PRELOAD, *extra):
+    names = [*PRELOAD, *_package_modules("pyvirtiofsd.daemon"), *extra]
+    for name in names:
         importlib.import_module(name)
     # traceback formatting and logging touch these on first use
     import time
