@@ -363,3 +363,20 @@ def test_modcaps_reaches_the_running_daemon(daemon_factory: object) -> None:
     bad = daemon_factory("--modcaps", "+nonsense")  # type: ignore[operator]
     assert bad.finish() == 1
     assert b"unknown capability" in bad.log
+
+
+def test_a_late_import_is_logged() -> None:
+    r = py("""
+        import logging, sys
+        logging.basicConfig(level=logging.INFO)
+        from pyvirtiofsd.daemon import sandbox
+        sandbox.preload()
+        assert "pyvirtiofsd.daemon.seccomp" in sys.modules
+        assert "pyvirtiofsd.daemon.hostmount" not in sys.modules
+        try:
+            import no_such_module_here  # noqa: F401
+        except ImportError:
+            print("refused")
+    """)
+    assert r.stdout.strip() == "refused", r.stderr
+    assert "module no_such_module_here was not imported before the sandbox" in r.stderr
