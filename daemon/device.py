@@ -121,7 +121,7 @@ class FsDevice(VhostUserDeviceBase):
         num_request_queues: int = 16,
         window: tuple[int, int] | None = None,
         thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE,
-        fast_path: bool = True,
+        fast: FastPath | None = None,
         stats_file: Path | None = None,
     ) -> None:
         if not 1 <= num_request_queues <= 255:
@@ -137,11 +137,9 @@ class FsDevice(VhostUserDeviceBase):
         self._acked = 0
         self._status = 0
         self._backend_req_fd: int | None = None
-        self.fast: FastPath | None = None
-        if fast_path:
-            self.fast = FastPath()
-            session.fs.attach_fast_path(self.fast)
-            session.fast = self.fast
+        #: the C fast path's mirror (the filesystem publishes into it, the
+        #: session switches it on and off, the runners serve from it)
+        self.fast = fast
         self._pool_size = thread_pool_size
         self._slow = SlowQueue() if thread_pool_size else None
         self._pool: list[threading.Thread] = []
@@ -283,7 +281,7 @@ class FsDevice(VhostUserDeviceBase):
     def reset(self) -> None:
         # Lock waits end first (EIO): a SETLKW blocked in a worker would
         # otherwise hold every ring's drain for DRAIN_TIMEOUT.
-        self.session.fs.locks.reset()
+        self.session.fs.reset_locks()
         for ring in self._rings:
             self._stop(ring)
             ring.vq.reset()

@@ -35,7 +35,6 @@ import errno
 import logging
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -69,8 +68,8 @@ log = logging.getLogger("pyvirtiofsd.hostmount")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _NS = 1_000_000_000
-_DIRENT = struct.Struct("<QQII")  # fuse_dirent: ino, off, namelen, type
-_READDIR_CHUNK = 1 << 16
+_READDIR_CHUNK = 1 << 16  # bytes read from the host directory at a time
+_READDIR_BATCH = 256  # entries asked of the passthrough at a time
 _XATTR_MAX = 1 << 16
 
 
@@ -118,14 +117,19 @@ def _entry(e: EntryOut) -> pyfuse3.EntryAttributes:
     )
 
 
-def _dirents(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """``(next offset, name)`` of each fuse_dirent in a READDIR reply."""
-    pos = 0
-    while pos + _DIRENT.size <= len(data):
-        _ino, off, namelen, _type = _DIRENT.unpack_from(data, pos)
-        start = pos + _DIRENT.size
-        yield off, data[start : start + namelen]
-        pos = start + ((namelen + 7) & ~7)
+class _Batch:
+    """A readdir batch of at most ``_READDIR_BATCH`` entries (pyfuse3 takes what it wants)."""
+
+    room = _READDIR_CHUNK
+
+    def __init__(self) -> None:
+        self._left = _READDIR_BATCH
+
+    def take(self, name: bytes) -> bool:
+        if not self._left:
+            return False
+        self._left -= 1
+        return True
 
 
 def _read_full(fd: int, buf: bytearray, offset: int, length: int) -> int:
@@ -356,10 +360,11 @@ class HostOperations(pyfuse3.Operations):
         parent = self._dirs[fh]
         offset = start_id
         while True:
-            data = _call(self.fs.readdir, fh, offset, _READDIR_CHUNK)
-            if not data:
+            entries = _call(self.fs.readdir, fh, offset, _Batch())
+            if not entries:
                 return
-            for next_off, name in _dirents(data):
+            for de in entries:
+                name, next_off = de.name, de.off
                 offset = next_off
                 if name in (b".", b".."):
                     continue

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from pyvirtiofsd.dma import FastPath
+
 from .device import DEFAULT_THREAD_POOL_SIZE, FsDevice
 from .fuse.session import FuseSession
 from .passthrough.filesystem import PassthroughFs
@@ -70,12 +72,17 @@ def make_device(config: ServiceConfig) -> FsDevice:
         announce_submounts=config.announce_submounts,
     )
     fs.xattrmap = config.xattrmap
-    session = FuseSession(fs)
+    # The C fast path reads a mirror of the filesystem's tables; the session
+    # turns it on at INIT, the device's queue runners serve from it.
+    fast = FastPath()
+    fs.attach_fast_path(fast)
+    session = FuseSession(fs, fast=fast)
     return FsDevice(
         session,
         num_request_queues=config.num_request_queues,
         window=config.window,
         thread_pool_size=config.thread_pool_size,
+        fast=fast,
         stats_file=config.stats_file,
     )
 

@@ -1,4 +1,5 @@
-"""The FUSE protocol layer: wire format (:mod:`.abi`), errors, and the session."""
+"""The FUSE protocol layer: wire format (:mod:`.abi`), errors, the session, and
+the typed interface a filesystem implements (:mod:`.filesystem`)."""
 
 from .errors import (
     FuseError,
@@ -7,15 +8,19 @@ from .errors import (
     ProtocolVersionError,
     UnsupportedOperation,
 )
-from .session import DEFAULT_INIT_FLAGS, FuseSession, RequestChain
+from .filesystem import DirEntry, Filesystem, RequestContext
+from .session import SUPPORTED_INIT_FLAGS, FuseSession, RequestChain
 
 __all__ = [
-    "DEFAULT_INIT_FLAGS",
+    "SUPPORTED_INIT_FLAGS",
+    "DirEntry",
+    "Filesystem",
     "FuseError",
     "FuseSession",
     "MalformedRequest",
     "NotInitialized",
     "ProtocolVersionError",
     "RequestChain",
+    "RequestContext",
     "UnsupportedOperation",
 ]

@@ -33,11 +33,8 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
-# The module, not its names: importing the passthrough package first imports
-# this one half-way through it (filesystem.py needs ..fuse.abi).
-from ..passthrough import filesystem as _pfs
 from . import abi
 from .abi import InHeader, InitFlag, InitOut, Opcode
 from .errors import (
@@ -47,11 +44,9 @@ from .errors import (
     ProtocolVersionError,
     UnsupportedOperation,
 )
+from .filesystem import Filesystem, LockWait, RequestContext
 
-if TYPE_CHECKING:
-    from ..passthrough.locks import LockWait
-
-__all__ = ["DEFAULT_INIT_FLAGS", "FuseSession", "RequestChain", "wanted_init_flags"]
+__all__ = ["SUPPORTED_INIT_FLAGS", "FuseSession", "RequestChain"]
 
 logger = logging.getLogger("pyvirtiofsd.fuse")
 
@@ -99,41 +94,13 @@ NO_REPLY = _NoReply()
 Reply = bytes | InPlace | _NoReply
 _Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
 
-#: What we ask for at INIT (each only if the kernel offers it):
-#:
-#: * ASYNC_READ: several READs of one file may be in flight (we are threaded).
-#: * POSIX_LOCKS, FLOCK_LOCKS: fcntl and flock locks are served (as host OFD
-#:   and flock locks) so that they are seen by host processes as well; a
-#:   SETLKW blocks its thread until granted, INTERRUPTed or reset
-#:   (``PassthroughFs.setlk``).  Lock requests answer ENOSYS unless negotiated.
-#: * ATOMIC_O_TRUNC: OPEN carries O_TRUNC and truncates as the caller, with
-#:   FUSE_OPEN_KILL_SUIDGID honoured, in one step instead of OPEN + SETATTR.
-#: * BIG_WRITES: writes larger than a page (implied by modern kernels).
-#: * AUTO_INVAL_DATA: the host may change files behind the guest's back; drop
-#:   cached pages when mtime/size change.
-#: * DO_READDIRPLUS, READDIRPLUS_AUTO: READDIRPLUS saves a LOOKUP per entry
-#:   for ``ls -l``, and the kernel picks when it pays off.
-#: * ASYNC_DIO: direct I/O may be split into parallel requests.
-#: * PARALLEL_DIROPS: lookups and readdirs of one directory may run at once;
-#:   the inode table is thread-safe.
-#: * HANDLE_KILLPRIV_V2: the guest tells us (WRITE_KILL_SUIDGID,
-#:   FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID) when its caller lacks
-#:   CAP_FSETID, and we let the host kernel clear setuid/setgid/caps as it
-#:   would for that caller.  Without it the guest turns the kill into a
-#:   SETATTR(mode) sent as the writer, which a non-owner may not do.
-#: * MAX_PAGES: honour our max_pages (and so large READs/WRITEs).
-#: * CACHE_SYMLINKS: a symlink's target never changes without a new inode.
-#:
-#: Not asked: WRITEBACK_CACHE unless the filesystem was built with
-#: ``writeback`` (the host then cannot see guest writes until they are
-#: flushed; :func:`wanted_init_flags` adds it), HANDLE_KILLPRIV (v1: kill on
-#: every write, even by a caller with CAP_FSETID), DONT_MASK (the guest
-#: applies the umask; we create with exactly the mode it sends),
-#: EXPORT_SUPPORT (we refuse lookups of ``.``/``..``), POSIX_ACL, SUBMOUNTS
-#: (the share is served as one device), INIT_EXT (nothing in flags2 is
-#: wanted: no DAX, no security context), SETXATTR_EXT (needs INIT_EXT),
-#: SPLICE_* (meaningless over virtio), EXPLICIT_INVAL_DATA (contradicts AUTO).
-DEFAULT_INIT_FLAGS = (
+#: What this session can serve, offered to the filesystem at INIT (ANDed
+#: with what the guest offers); the filesystem picks what it wants
+#: (:meth:`~.filesystem.Filesystem.init`).  Not here: INIT_EXT and what
+#: needs it (flags2: DAX, security contexts, SETXATTR_EXT), SPLICE_* (no
+#: pipes over virtio), HANDLE_KILLPRIV v1, EXPORT_SUPPORT, POSIX_ACL,
+#: DONT_MASK, EXPLICIT_INVAL_DATA.
+SUPPORTED_INIT_FLAGS = (
     InitFlag.ASYNC_READ
     | InitFlag.POSIX_LOCKS
     | InitFlag.ATOMIC_O_TRUNC
@@ -147,24 +114,9 @@ DEFAULT_INIT_FLAGS = (
     | InitFlag.HANDLE_KILLPRIV_V2
     | InitFlag.MAX_PAGES
     | InitFlag.CACHE_SYMLINKS
+    | InitFlag.WRITEBACK_CACHE
+    | InitFlag.SUBMOUNTS
 )
-
-
-def wanted_init_flags(fs: _pfs.PassthroughFs) -> InitFlag:
-    """DEFAULT_INIT_FLAGS plus what the filesystem's options ask for."""
-    flags = DEFAULT_INIT_FLAGS
-    if fs.writeback and not fs.readonly:
-        flags |= InitFlag.WRITEBACK_CACHE
-    # Host-visible locks are opt-in (virtiofsd's no_posix_lock/no_flock
-    # defaults). Without these flags the guest kernel does the locking
-    # itself, invisible to host processes.
-    if fs.announce_submounts:
-        flags |= InitFlag.SUBMOUNTS
-    if not fs.posix_locks:
-        flags &= ~InitFlag.POSIX_LOCKS
-    if not fs.flock:
-        flags &= ~InitFlag.FLOCK_LOCKS
-    return flags
 
 
 _HANDLERS: dict[int, _Handler] = {}
@@ -198,8 +150,28 @@ def _two_names(body: bytes) -> tuple[bytes, bytes]:
     return first, _name(rest)
 
 
-def _ctx(hdr: InHeader) -> _pfs.RequestContext:
-    return _pfs.RequestContext(hdr.uid, hdr.gid, hdr.pid)
+def _ctx(hdr: InHeader) -> RequestContext:
+    return RequestContext(hdr.uid, hdr.gid, hdr.pid)
+
+
+_NO_ENTRY = abi.EntryOut(0, 0, 0, 0, 0, 0, abi.Attr(*([0] * 16)))
+
+
+class _ReplyBudget:
+    """A READDIR reply's room, counted in the records of one kind (plus or not)."""
+
+    __slots__ = ("_size", "room")
+
+    def __init__(self, room: int, plus: bool) -> None:
+        self.room = room
+        self._size = abi.direntplus_size if plus else abi.dirent_size
+
+    def take(self, name: bytes) -> bool:
+        n = self._size(name)
+        if n > self.room:
+            return False
+        self.room -= n
+        return True
 
 
 class FuseSession:
@@ -207,13 +179,13 @@ class FuseSession:
 
     ``max_write`` (bytes, >= 4096) and ``max_pages`` (1..65535, the kernel
     caps it at 256) are announced at INIT and bound the size of one
-    READ/WRITE; ``init_flags`` is the set of :class:`InitFlag` we want
-    (default: :func:`wanted_init_flags` of ``fs``).
+    READ/WRITE; ``init_flags``, when given, overrides what ``fs.init()``
+    would want (tests).
     """
 
     def __init__(
         self,
-        fs: _pfs.PassthroughFs,
+        fs: Filesystem,
         *,
         max_write: int = 1 << 20,
         max_pages: int = 256,
@@ -230,7 +202,7 @@ class FuseSession:
         self.fast = fast
         self.max_write = max_write
         self.max_pages = max_pages
-        self.init_flags = wanted_init_flags(fs) if init_flags is None else init_flags
+        self.init_flags = init_flags
         self._state_lock = threading.Lock()
         self.initialized = False
         self.proto_minor = 0
@@ -367,7 +339,10 @@ class FuseSession:
             offered = init.flags
             if init.flags & InitFlag.INIT_EXT:
                 offered |= init.flags2 << 32
-            flags = InitFlag(offered & self.init_flags)
+            if self.init_flags is not None:
+                flags = InitFlag(offered & self.init_flags)
+            else:
+                flags = InitFlag(self.fs.init(InitFlag(offered & SUPPORTED_INIT_FLAGS)) & offered)
             max_pages = self.max_pages if flags & InitFlag.MAX_PAGES else 0
             out = InitOut(
                 major=abi.KERNEL_VERSION,
@@ -456,7 +431,7 @@ class FuseSession:
         with self._state_lock:
             wait = self._lock_waits.get(target)
             if wait is None:
-                self._early_interrupts[target] = self.fs.locks.epoch
+                self._early_interrupts[target] = self.fs.lock_epoch
                 while len(self._early_interrupts) > _EARLY_INTERRUPTS:
                     del self._early_interrupts[next(iter(self._early_interrupts))]
         if wait is not None:
@@ -513,12 +488,21 @@ class FuseSession:
     @_op(Opcode.READDIR)
     def _readdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.READ_IN.decode(body)
-        return self.fs.readdir(arg.fh, arg.offset, min(arg.size, self._room(chain)))
+        budget = _ReplyBudget(min(arg.size, self._room(chain)), plus=False)
+        out = bytearray()
+        for de in self.fs.readdir(arg.fh, arg.offset, budget):
+            out += abi.encode_dirent(de.ino, de.off, de.dtype, de.name)
+        return bytes(out)
 
     @_op(Opcode.READDIRPLUS)
     def _readdirplus(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.READ_IN.decode(body)
-        return self.fs.readdirplus(arg.fh, arg.offset, min(arg.size, self._room(chain)))
+        budget = _ReplyBudget(min(arg.size, self._room(chain)), plus=True)
+        out = bytearray()
+        for de, entry in self.fs.readdirplus(arg.fh, arg.offset, budget):
+            # nodeid 0 for "." and "..": no entry, the kernel takes no reference
+            out += abi.encode_direntplus(entry or _NO_ENTRY, de.ino, de.off, de.dtype, de.name)
+        return bytes(out)
 
     @_op(Opcode.RELEASEDIR)
     def _releasedir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
@@ -728,7 +712,7 @@ class FuseSession:
             lock_wait = self.fs.lock_wait()
             self._lock_waits[hdr.unique] = lock_wait
             early = self._early_interrupts.pop(hdr.unique, None)
-        if early == self.fs.locks.epoch:
+        if early == self.fs.lock_epoch:
             lock_wait.cancel(errno.EINTR)
         try:
             with lock_wait:

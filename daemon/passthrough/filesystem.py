@@ -42,27 +42,26 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from .. import procfs
 from ..fuse import abi
+from ..fuse import filesystem as fuse_fs
 from ..fuse.abi import (
     ROOT_ID,
     Attr,
     AttrOut,
     EntryOut,
     FileLock,
+    InitFlag,
     Kstatfs,
     OpenOut,
     SetattrIn,
-    dirent_size,
-    direntplus_size,
-    encode_dirent,
-    encode_direntplus,
 )
+from ..fuse.filesystem import DirBudget, DirEntry, ReadInto, RequestContext, WriteFrom
 from . import dirents, locks, oscalls
 from . import xattrmap as xattrmap_mod
 from .inodes import (
@@ -80,10 +79,51 @@ __all__ = ["PassthroughFs", "ReadInto", "RequestContext", "WriteFrom"]
 
 logger = logging.getLogger("pyvirtiofsd.passthrough")
 
-#: ``fn(fd, file_offset, length) -> bytes_read``: the transport's zero-copy read.
-ReadInto = Callable[[int, int, int], int]
-#: ``fn(fd, file_offset, length) -> bytes_written``: the transport's zero-copy write.
-WriteFrom = Callable[[int, int, int], int]
+#: INIT flags the passthrough wants whenever the guest offers them:
+#:
+#: * ASYNC_READ: several READs of one file may be in flight (we are threaded).
+#: * ATOMIC_O_TRUNC: OPEN carries O_TRUNC and truncates as the caller, with
+#:   FUSE_OPEN_KILL_SUIDGID honoured, in one step instead of OPEN + SETATTR.
+#: * BIG_WRITES: writes larger than a page (implied by modern kernels).
+#: * AUTO_INVAL_DATA: the host may change files behind the guest's back; drop
+#:   cached pages when mtime/size change.
+#: * DO_READDIRPLUS, READDIRPLUS_AUTO: READDIRPLUS saves a LOOKUP per entry
+#:   for ``ls -l``, and the kernel picks when it pays off.
+#: * ASYNC_DIO: direct I/O may be split into parallel requests.
+#: * PARALLEL_DIROPS: lookups and readdirs of one directory may run at once;
+#:   the inode table is thread-safe.
+#: * HANDLE_KILLPRIV_V2: the guest tells us (WRITE_KILL_SUIDGID,
+#:   FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID) when its caller lacks
+#:   CAP_FSETID, and we let the host kernel clear setuid/setgid/caps as it
+#:   would for that caller.  Without it the guest turns the kill into a
+#:   SETATTR(mode) sent as the writer, which a non-owner may not do.
+#: * MAX_PAGES: honour the session's max_pages (and so large READs/WRITEs).
+#: * CACHE_SYMLINKS: a symlink's target never changes without a new inode.
+#:
+#: By option only: POSIX_LOCKS / FLOCK_LOCKS (``posix_locks``/``flock``,
+#: virtiofsd's no_posix_lock/no_flock defaults: without them the guest
+#: kernel locks locally, invisible to host processes), WRITEBACK_CACHE
+#: (``writeback``: the host then sees guest writes only once flushed),
+#: SUBMOUNTS (``announce_submounts``).  Never: HANDLE_KILLPRIV (v1: kill on
+#: every write, even by a caller with CAP_FSETID), DONT_MASK (the guest
+#: applies the umask; we create with exactly the mode it sends),
+#: EXPORT_SUPPORT (we refuse lookups of ``.``/``..``), POSIX_ACL, INIT_EXT
+#: (nothing in flags2 is wanted: no DAX, no security context), SETXATTR_EXT
+#: (needs INIT_EXT), SPLICE_* (meaningless over virtio), EXPLICIT_INVAL_DATA
+#: (contradicts AUTO).
+WANTED_INIT_FLAGS = (
+    InitFlag.ASYNC_READ
+    | InitFlag.ATOMIC_O_TRUNC
+    | InitFlag.BIG_WRITES
+    | InitFlag.AUTO_INVAL_DATA
+    | InitFlag.DO_READDIRPLUS
+    | InitFlag.READDIRPLUS_AUTO
+    | InitFlag.ASYNC_DIO
+    | InitFlag.PARALLEL_DIROPS
+    | InitFlag.HANDLE_KILLPRIV_V2
+    | InitFlag.MAX_PAGES
+    | InitFlag.CACHE_SYMLINKS
+)
 
 #: Flags of the guest's open(2) passed on to the host: access mode, append,
 #: truncate, synchronous I/O.  Dropped: O_CREAT/O_EXCL (CREATE decides),
@@ -118,14 +158,6 @@ class FastPathMirror(FdMirror, Protocol):
         switch_creds: bool,
         announce_submounts: bool,
     ) -> None: ...
-
-
-class RequestContext(NamedTuple):
-    """Who is asking (from fuse_in_header)."""
-
-    uid: int
-    gid: int
-    pid: int
 
 
 def _err(code: int) -> OSError:
@@ -287,6 +319,19 @@ class PassthroughFs:
             raise
         self.inodes = InodeTable(root_fd, os.fstat(root_fd))
         self.handles = HandleTable()
+
+    def init(self, capable: InitFlag) -> InitFlag:
+        """INIT: what this filesystem wants of what guest and session can do."""
+        wanted = WANTED_INIT_FLAGS
+        if self.writeback and not self.readonly:
+            wanted |= InitFlag.WRITEBACK_CACHE
+        if self.announce_submounts:
+            wanted |= InitFlag.SUBMOUNTS
+        if self.posix_locks:
+            wanted |= InitFlag.POSIX_LOCKS
+        if self.flock:
+            wanted |= InitFlag.FLOCK_LOCKS
+        return InitFlag(capable & wanted)
 
     def attach_fast_path(self, fast: FastPathMirror) -> None:
         """Let the C fast path serve GETATTR/READ/WRITE from this filesystem's tables.
@@ -532,49 +577,51 @@ class PassthroughFs:
             if not more:
                 return
 
-    def readdir(self, fh: int, offset: int, size: int) -> bytes:
-        """fuse_dirent records after host cookie ``offset``, at most ``size`` bytes.
+    def readdir(self, fh: int, offset: int, budget: DirBudget) -> list[DirEntry]:
+        """Entries after host cookie ``offset`` while ``budget`` has room.
 
-        Streamed from the directory fd (see :mod:`.dirents`): each record's
-        ``off`` is the host's ``d_off``; an empty reply means the end.
+        Streamed from the directory fd (see :mod:`.dirents`): each entry's
+        ``off`` is the host's ``d_off``; an empty list means the end.
         """
-        out = bytearray()
+        out: list[DirEntry] = []
         with self.handles.borrow(fh, DirHandle) as handle, handle.lock:
-            for de in self._dir_stream(handle, offset, size):
-                if len(out) + dirent_size(de.name) > size:
+            for de in self._dir_stream(handle, offset, budget.room):
+                if not budget.take(de.name):
                     break
-                out += encode_dirent(de.ino, de.off, de.dtype, de.name)
-        return bytes(out)
+                out.append(DirEntry(de.ino, de.off, de.dtype, de.name))
+        return out
 
-    def readdirplus(self, fh: int, offset: int, size: int) -> bytes:
-        """fuse_direntplus records; each entry but ``.``/``..`` counts one lookup.
+    def readdirplus(
+        self, fh: int, offset: int, budget: DirBudget
+    ) -> list[tuple[DirEntry, EntryOut | None]]:
+        """As :meth:`readdir`, each entry but ``.``/``..`` looked up (one lookup each).
 
         An entry is looked up only once it is known to fit, so the guest's
         lookup counts match exactly what it received.  Entries that vanished
         since the host listed them are skipped.
         """
-        out = bytearray()
+        out: list[tuple[DirEntry, EntryOut | None]] = []
         with self.handles.borrow(fh, DirHandle) as handle, handle.lock:
-            for de in self._dir_stream(handle, offset, size):
-                if len(out) + direntplus_size(de.name) > size:
-                    break
+            for de in self._dir_stream(handle, offset, budget.room):
                 if de.name in (b".", b".."):
-                    # nodeid 0: "no entry for this name", the kernel takes no reference.
-                    empty = EntryOut(0, 0, 0, 0, 0, 0, Attr(*([0] * 16)))
-                    out += encode_direntplus(empty, de.ino, de.off, de.dtype, de.name)
+                    if not budget.take(de.name):
+                        break
+                    out.append((DirEntry(de.ino, de.off, de.dtype, de.name), None))
                     continue
+                if not budget.take(de.name):
+                    break
                 try:
                     entry = self._lookup_at(handle.fd, de.name)
                 except FileNotFoundError:
-                    continue
+                    continue  # gone since listed: its room stays unused
                 except OSError:
                     if out:
                         break  # return what we have; the guest asks again from here
                     raise
-                out += encode_direntplus(
-                    entry, entry.attr.ino, de.off, _dtype(entry.attr.mode), de.name
+                out.append(
+                    (DirEntry(entry.attr.ino, de.off, _dtype(entry.attr.mode), de.name), entry)
                 )
-        return bytes(out)
+        return out
 
     def releasedir(self, fh: int) -> None:
         self.handles.release(fh)
@@ -1065,6 +1112,14 @@ class PassthroughFs:
         with contextlib.suppress(OSError), self.inodes.borrow(handle.nodeid) as inode:
             self.locks.drop_owner(inode, owner)
 
+    @property
+    def lock_epoch(self) -> int:
+        """Bumped by every DESTROY/reset (see :attr:`.locks.LockManager.epoch`)."""
+        return self.locks.epoch
+
+    def reset_locks(self) -> None:
+        self.locks.reset()
+
     def lock_wait(self) -> locks.LockWait:
         """A cancellation point for one SETLKW (INTERRUPT cancels it, DESTROY too)."""
         return self.locks.new_wait()
@@ -1083,7 +1138,7 @@ class PassthroughFs:
         lock: FileLock,
         *,
         flock: bool,
-        wait: locks.LockWait | None,
+        wait: fuse_fs.LockWait | None,
     ) -> None:
         """SETLK (``wait`` None) / SETLKW, POSIX record locks or (``flock``) BSD flock.
 
@@ -1091,6 +1146,8 @@ class PassthroughFs:
         is cancelled (INTERRUPT: EINTR) or the filesystem is destroyed (EIO);
         see :mod:`.locks`.
         """
+        if wait is not None and not isinstance(wait, locks.LockWait):
+            raise TypeError("SETLKW waits come from lock_wait()")
         self._check_locks(flock)
         with self._lock_target(nodeid, fh) as (inode, handle):
             if flock:

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from pyvirtiofsd.daemon.fuse import abi
 from pyvirtiofsd.daemon.fuse.abi import InitFlag
-from pyvirtiofsd.daemon.fuse.session import DEFAULT_INIT_FLAGS, FuseSession, wanted_init_flags
+from pyvirtiofsd.daemon.fuse.session import SUPPORTED_INIT_FLAGS, FuseSession
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
+from pyvirtiofsd.daemon.passthrough.filesystem import WANTED_INIT_FLAGS
 from tests.support.fakechain import (
     BATCH_FORGET,
     DESTROY,
@@ -69,7 +70,7 @@ def test_init_737(client: FuseClient) -> None:
     assert (major, minor) == (7, 37)
     assert ra == 65536
     host_locks = InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS
-    assert flags == int(DEFAULT_INIT_FLAGS & ~host_locks) & offered
+    assert flags == int(WANTED_INIT_FLAGS) & offered
     assert not flags & host_locks, "host-visible locks are opt-in"
     assert flags & InitFlag.DO_READDIRPLUS and flags & InitFlag.PARALLEL_DIROPS
     assert not flags & (InitFlag.INIT_EXT | InitFlag.SUBMOUNTS | InitFlag.WRITEBACK_CACHE)
@@ -80,8 +81,7 @@ def test_init_737(client: FuseClient) -> None:
 
 
 def test_init_flags_are_masked_by_what_the_kernel_offers(client: FuseClient) -> None:
-    client.session.fs.posix_locks = True
-    client.session.init_flags = wanted_init_flags(client.session.fs)
+    client.session.fs.posix_locks = True  # the filesystem's init() now wants them
     offered = int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS | InitFlag.EXPORT_SUPPORT)
     reply = client.call(INIT, 0, init_body(flags=offered))
     fields = INIT_OUT.unpack(reply.payload)
@@ -131,7 +131,7 @@ def test_init_short_body(client: FuseClient) -> None:
 
 def test_init_ext_flags2_considered(fs: PassthroughFs) -> None:
     session = FuseSession(
-        fs, init_flags=DEFAULT_INIT_FLAGS | InitFlag.INIT_EXT | InitFlag.SECURITY_CTX
+        fs, init_flags=SUPPORTED_INIT_FLAGS | InitFlag.INIT_EXT | InitFlag.SECURITY_CTX
     )
     client = FuseClient(session)
     body = struct.pack("<IIIII44x", 7, 37, 0, 0xFFFF_FFFF, 0xFFFF_FFFF)
