@@ -461,12 +461,28 @@ class FsDevice(VhostUserDeviceBase):
         return out
 
     def _write_stats(self) -> None:
+        """Rewrite the stats file atomically (a temporary file renamed over it).
+
+        Through the directory's fd (openat/renameat): what the seccomp
+        allowlist permits, as the passthrough's own calls.
+        """
         if self._stats_file is None:
             return
-        tmp = self._stats_file.with_name(self._stats_file.name + ".tmp")
+        name = self._stats_file.name
+        tmp = f".{name}.tmp"
+        data = (json.dumps(self.queue_stats(), sort_keys=True) + "\n").encode()
         try:
-            tmp.write_text(json.dumps(self.queue_stats(), sort_keys=True) + "\n")
-            os.replace(tmp, self._stats_file)
+            dir_fd = os.open(self._stats_file.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644,
+                             dir_fd=dir_fd)  # fmt: skip
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as e:
             log.warning("cannot write the stats file %s: %s", self._stats_file, e)
 
