@@ -17,6 +17,10 @@ KERNEL     ?=
 RUN_ARGS   ?=
 
 PYTEST     := $(PY) -m pytest
+# The VM suite runs on the default kernel (6.12); on 6.1 the per-device
+# window tests, and the pyvirtiofsd round trip and hot-plug as a smoke test.
+VM_TESTS_6_1 := tests/vm/test_swiotlb_kernel.py tests/vm/test_per_device_dma.py \
+	tests/vm/test_window_mismatch.py tests/vm/test_pyvirtiofsd.py
 
 .PHONY: all deps system-deps venv guest run test unit-test vm-test sanitize fuzz lint bench clean distclean
 
@@ -51,6 +55,7 @@ run: deps
 test: deps guest
 	scripts/sanitize.sh
 	$(PYTEST) tests
+	PYVIRTIOFSD_KERNEL_VERSION=6.1 $(PYTEST) $(VM_TESTS_6_1)
 
 unit-test: deps
 	$(PYTEST) -m "not vm" tests
