@@ -47,6 +47,7 @@ __all__ = [
     "cap_last_cap",
     "current",
     "restrict",
+    "set_effective",
     "set_no_new_privs",
 ]
 
@@ -195,6 +196,16 @@ def current() -> tuple[int, int, int]:
     prm = data[0].permitted | data[1].permitted << 32
     inh = data[0].inheritable | data[1].inheritable << 32
     return eff, prm, inh
+
+
+def set_effective(mask: int) -> None:
+    """This thread's effective set (capset is per thread); permitted stays."""
+    hdr = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
+    for i in (0, 1):
+        data[i].effective = mask >> (32 * i) & 0xFFFF_FFFF
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
 def restrict(keep: frozenset[str], *, who: str = "daemon") -> int:

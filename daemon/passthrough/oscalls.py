@@ -62,6 +62,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .. import capabilities
+
 __all__ = [
     "AT_EMPTY_PATH",
     "UTIME_NOW",
@@ -86,8 +88,7 @@ AT_SYMLINK_NOFOLLOW = 0x100
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _CLONE_FS = 0x200
-_CAP_FSETID = 4
-_CAP_VERSION_3 = 0x20080522
+_CAP_FSETID = capabilities.CAP_NAMES["fsetid"]
 #: ``__NR_setgroups`` (the raw, per-thread system call).
 _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159}.get(platform.machine())
 _NO_ID = 0xFFFF_FFFF  # (uid_t)-1: "leave unchanged" / an invalid id
@@ -102,18 +103,6 @@ def _check(ret: int) -> int:
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
 
 
 _libc.renameat2.argtypes = [
@@ -137,8 +126,6 @@ _libc.fchownat.argtypes = [
 _libc.setfsuid.argtypes = [ctypes.c_uint32]
 _libc.setfsgid.argtypes = [ctypes.c_uint32]
 _libc.unshare.argtypes = [ctypes.c_int]
-_libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
-_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
 
 
 # --- plain wrappers -----------------------------------------------------------
@@ -262,26 +249,16 @@ def caller_credentials(uid: int, gid: int, *, creating: bool = False) -> Iterato
             _set_fs_id("setfsgid", old_gid)
 
 
-def _capget() -> tuple[_CapHeader, ctypes.Array[_CapData]]:
-    hdr = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(hdr), data))
-    return hdr, data
-
-
 @contextmanager
 def without_fsetid() -> Iterator[None]:
     """Drop CAP_FSETID from this thread's effective set for the body."""
-    hdr, data = _capget()
     bit = 1 << _CAP_FSETID
-    if not data[0].effective & bit:
+    effective = capabilities.current()[0]
+    if not effective & bit:
         yield
         return
-    data[0].effective &= ~bit
-    _check(_libc.capset(ctypes.byref(hdr), data))
+    capabilities.set_effective(effective & ~bit)
     try:
         yield
     finally:
-        hdr, data = _capget()
-        data[0].effective |= bit
-        _check(_libc.capset(ctypes.byref(hdr), data))
+        capabilities.set_effective(capabilities.current()[0] | bit)

@@ -183,14 +183,7 @@ async def test_blocking_request_does_not_hold_up_the_queue(tmp_path: Path) -> No
             assert err == 0
         assert not released.is_set()
         hold.set()
-        with trio.fail_after(10):
-            while True:
-                await trio.lowlevel.wait_readable(rig.call)
-                os.eventfd_read(rig.call)
-                used = rig.q.collect_used()
-                if used:
-                    break
-        assert used == [(fsync_head, 16)]
+        assert await rig.wait_used() == [(fsync_head, 16)]
 
 
 async def test_restart_without_get_vring_base_does_not_replay(tmp_path: Path) -> None:
@@ -334,12 +327,7 @@ async def test_hostile_chains_fail_alone_with_many_in_flight(tmp_path: Path) -> 
         for head in order:
             q.publish(head)
         os.eventfd_write(rig.kick, 1)
-        used: dict[int, int] = {}
-        with trio.fail_after(10):
-            while len(used) < len(order):
-                await trio.lowlevel.wait_readable(rig.call)
-                os.eventfd_read(rig.call)
-                used.update(q.collect_used())
+        used = dict(await rig.wait_used(len(order)))
         for head in hostile:
             assert used[head] == 0
         for head, (kind, off) in expect.items():

@@ -75,13 +75,17 @@ class Rig:
         interrupts), so keep waiting until the used ring moved.
         """
         os.eventfd_write(self.kick, 1)
+        return await self.wait_used()
+
+    async def wait_used(self, count: int = 1) -> list[tuple[int, int]]:
+        """Wait (bounded) until at least ``count`` used buffers were notified."""
+        used: list[tuple[int, int]] = []
         with trio.fail_after(10):
-            while True:
+            while len(used) < count:
                 await trio.lowlevel.wait_readable(self.call)
                 os.eventfd_read(self.call)
-                used = self.q.collect_used()
-                if used:
-                    return used
+                used += self.q.collect_used()
+        return used
 
     async def fuse(
         self, opcode: int, nodeid: int, body: bytes, writable: list[int] | None = None
