@@ -430,8 +430,7 @@ class FsDevice(VhostUserDeviceBase):
             used = 0
         ring = self._rings[vq.index]
         try:
-            chain.complete(min(used, chain.writable_len))
-            vq.notify_if_needed()
+            chain.complete(min(used, chain.writable_len), notify=True)
         except DmaError as e:
             log.error("queue %d: request %d not completed: %s", vq.index, chain.head, e)
         finally:

@@ -371,18 +371,22 @@ class Chain:
         """Write to fd straight from the readable part at offset; returns bytes written."""
         return self._io(lib.pvd_chain_pwritev, self.readable_len, fd, file_offset, length, offset)
 
-    def complete(self, used_len: int) -> None:
-        """Publish to the used ring (release ordering), exactly once; does not notify.
+    def complete(self, used_len: int, *, notify: bool = False) -> None:
+        """Publish to the used ring (release ordering), exactly once.
 
         ``used_len`` is the number of bytes written into the writable part.
         If the queue was reset or reconfigured since this chain was popped the
-        completion is silently dropped.
+        completion is silently dropped.  ``notify``: also signal the call
+        eventfd unless suppressed (as :meth:`VirtQueue.notify_if_needed`), in
+        the same C call, so that a thread waiting for the GIL cannot delay
+        the guest's interrupt behind a completion it can already see.
         """
         self._live()
         if not 0 <= used_len <= self.writable_len:
             raise ValueError(f"used_len {used_len} outside 0..{self.writable_len}")
         self._done = True
-        rc = lib.pvd_chain_complete(self._vq._vq, self._c, used_len)
+        fn = lib.pvd_chain_complete_notify if notify else lib.pvd_chain_complete
+        rc = fn(self._vq._vq, self._c, used_len)
         if rc in (0, lib.PVD_E_STALE):
             return
         raise _queue_error(rc, f"queue {self._vq.index}")

@@ -176,6 +176,8 @@ int64_t pvd_chain_pwritev(struct pvd_chain *c, int fd, int64_t file_offset, uint
 			  uint64_t offset, int *err);
 /* 0: published; PVD_E_STALE: queue was reconfigured since pop (nothing written). */
 int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len);
+/* pvd_chain_complete, then pvd_vq_notify when it was published. */
+int pvd_chain_complete_notify(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len);
 void pvd_chain_free(struct pvd_chain *c);
 /* The fuse_in_header opcode/unique pvd_vq_run read (0 if it did not), and the queue index. */
 void pvd_chain_request(struct pvd_chain *c, uint32_t *opcode, uint64_t *unique, uint32_t *queue);

@@ -992,6 +992,14 @@ int pvd_chain_complete(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len
 	return rc;
 }
 
+int pvd_chain_complete_notify(struct pvd_vq *vq, struct pvd_chain *c, uint32_t used_len)
+{
+	int rc = pvd_chain_complete(vq, c, used_len);
+	if (rc == PVD_OK)
+		pvd_vq_notify(vq); /* in the same call: no GIL hand-off between the two */
+	return rc;
+}
+
 void pvd_chain_free(struct pvd_chain *c)
 {
 	if (!c)

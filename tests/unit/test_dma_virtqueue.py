@@ -682,6 +682,22 @@ def test_no_interrupt_flag_without_event_idx(env: Env) -> None:
     assert drained(call) == 1
 
 
+def test_complete_with_notify_signals_in_the_same_call(env: Env) -> None:
+    call = eventfd()
+    env.vq.set_call_fd(call)
+    env.q.add_chain([b"x"], [])
+    env.pop().complete(0)
+    assert drained(call) == 0  # plain complete() never signals
+    env.q.add_chain([b"x"], [])
+    env.pop().complete(0, notify=True)
+    assert drained(call) == 1
+    # suppression still applies: NO_INTERRUPT set, nothing signalled
+    env.q.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT)
+    env.q.add_chain([b"x"], [])
+    env.pop().complete(0, notify=True)
+    assert drained(call) == 0
+
+
 def test_notify_without_call_fd(env: Env) -> None:
     env.q.add_chain([b"x"], [])
     env.pop().complete(0)
