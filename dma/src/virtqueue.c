@@ -1130,7 +1130,7 @@ static int serve_all(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 		     struct pvd_chain **out, uint32_t *bad_head, uint32_t srlen, uint32_t swlen,
 		     int *served)
 {
-	int inplace = 0, rc;
+	int rc;
 	for (;;) {
 		struct walk w;
 		uint32_t head = 0, gen = 0;
@@ -1160,8 +1160,16 @@ static int serve_all(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 			complete_inplace(vq, gen, head, used <= w.wlen ? used : (uint32_t)w.wlen);
 			pvd_table_put(tbl);
 			atomic_fetch_add_explicit(&vq->n_fast, 1, memory_order_relaxed);
-			if (++inplace % 32 == 0)
-				pvd_vq_notify(vq); /* keep the guest going during long runs */
+			/*
+			 * Notify after every completion (EVENT_IDX / NO_INTERRUPT still
+			 * suppress what the driver does not want).  Batching the
+			 * notifications over a run made both sides sleep in turn: the
+			 * driver idle until the batch ended, then the device idle until
+			 * it refilled, two cross-CPU wake-ups per batch (daemon bench,
+			 * 2 CPUs: GETATTR at depth 32 0.62x the Rust virtiofsd batched
+			 * by 32, 0.86x by 4, 1.10x per completion).
+			 */
+			pvd_vq_notify(vq);
 			continue;
 		}
 		struct pvd_chain *c = make_chain(vq, tbl, gen, w.iov, w.niov, w.nr, w.rlen, w.wlen,
@@ -1183,8 +1191,6 @@ static int serve_all(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 		rc = 1;
 		break;
 	}
-	if (inplace % 32)
-		pvd_vq_notify(vq);
 	return rc;
 }
 
