@@ -494,13 +494,13 @@ class FsDevice(VhostUserDeviceBase):
         if counts == self._logged_counts:
             return  # reset() then close(): said once
         self._logged_counts = counts
-        busy = [r for r in self._rings if r.vq.stats().requests]
-        if not busy:
+        parts = [
+            f"q{i}={st.requests} ({st.fast} fast, {st.defects} refused)"
+            for i, st in enumerate(counts)
+            if st.requests
+        ]
+        if not parts:
             return
-        parts = []
-        for ring in busy:
-            st = ring.vq.stats()
-            parts.append(f"q{ring.vq.index}={st.requests} ({st.fast} fast, {st.defects} refused)")
         log.info("requests per queue: %s", ", ".join(parts))
         self._write_stats()
 
