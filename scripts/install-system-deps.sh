@@ -26,6 +26,9 @@ python3-venv
 python3-dev
 debootstrap
 libseccomp2
+libvirt-daemon
+libvirt-daemon-driver-qemu
+libvirt-clients
 "
 
 missing=""
