@@ -65,8 +65,12 @@ vm-test: deps guest
 
 # Benchmarks against the C and the Rust virtiofsd, results in build/bench/<stamp>/:
 # SUITE=daemon (the daemon alone over its socket, no guest), SUITE=guest (dd in a
-# VM, also vs 9p and per DMA mode), SUITE=all (default). E.g.
+# VM, also vs 9p and per DMA mode), SUITE=all (default: daemon + guest),
+# SUITE=dma (two shares and a NIC loaded at once per DMA mode, bounce memory
+# shrunk until the shared pool fails, 1 vs 2 request queues; --dma-quick for a
+# short run). E.g.
 # make bench SUITE=daemon BENCH_ARGS="--duration 1 --rounds 3"
+# make bench SUITE=dma BENCH_ARGS="--dma-quick"
 SUITE      ?= all
 bench: deps $(if $(filter daemon,$(SUITE)),,guest)
 	@$(PY) -m pyvirtiofsd.bench --suite $(SUITE) $(BENCH_ARGS)
