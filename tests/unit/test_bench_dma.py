@@ -219,10 +219,9 @@ def test_contention_table_medians_ranges_and_ratios() -> None:
     lines = table.splitlines()
     assert lines[0] == "| metric | off | shared | per-device | per-device / shared | shared / off |"
     a = next(ln for ln in lines if ln.startswith("| share A"))
-    assert (
-        a
-        == "| share A stream (MiB/s) | 30.0 (28.0-32.0) | 11.0 (10.0-12.0) | 15.0 (14.0-16.0) | 1.36x | 0.37x |"
-    )  # noqa: E501
+    assert a.split(" | ")[1:] == [
+        "30.0 (28.0-32.0)", "11.0 (10.0-12.0)", "15.0 (14.0-16.0)", "1.36x", "0.37x |",
+    ]  # fmt: skip
     agg = next(ln for ln in lines if ln.startswith("| aggregate"))
     assert "| 21.0 (20.0-22.0) | 1.24x |" in agg  # 15+1+5 vs 11+1+5: 21/17
     full = next(ln for ln in lines if ln.startswith('| "buffer is full"'))
