@@ -114,6 +114,8 @@ ALLOWED: tuple[str, ...] = (
     "lseek",
     # the passthrough filesystem
     "openat",
+    "name_to_handle_at",  # --inode-file-handles (passthrough/filehandles.py)
+    "open_by_handle_at",
     "newfstatat",
     "statx",
     "fstatfs",

@@ -11,6 +11,11 @@ GETATTR, READ and WRITE entirely in C.  The protocol, in full:
   borrowed) it *retires* the entry instead (:meth:`FastPath.retire_inode`,
   :meth:`FastPath.retire_handle`); the mirror closes the fd at once, or when
   the last in-place request using it is done.
+* To keep the daemon's fds under a budget Python may *evict* a live
+  inode's fd (:meth:`FastPath.evict_inode`): a retire that also hands back
+  the inode's unsettled in-place lookups.  The inode stays Python's; a later
+  request for it misses here, and Python reopens it (by file handle) and
+  publishes it again under the same node ID.
 * Requests are served in place only while the session is :attr:`ready`
   (after INIT, until DESTROY or reset); settings are fixed at
   :meth:`FastPath.configure`.
@@ -110,6 +115,20 @@ class FastPath:
     def retire_inode(self, nodeid: int) -> bool:
         """Unpublish; the fd is closed once unused.  False: was not published."""
         return self._retire(lib.PVD_FS_INODES, nodeid)
+
+    def evict_inode(self, nodeid: int) -> int | None:
+        """Retire ``nodeid``'s fd while Python keeps the inode (the fd budget).
+
+        Returns the lookups answered in place and not yet settled (read as
+        the entry is unlinked: none is lost; Python adds them to its count),
+        or None when ``nodeid`` was not published (the caller still owns the
+        fd).  The mirror closes the fd once no in-place request uses it; a
+        later request for ``nodeid`` misses and goes to Python, which
+        reopens the inode and publishes it again.
+        """
+        credits = ffi.new("uint64_t *")
+        rc = lib.pvd_fs_evict_inode(self._fs, _u64("nodeid", nodeid), credits)
+        return int(credits[0]) if rc == 0 else None
 
     def settle(self, nodeid: int, count: int, forget: int, *, keep: bool = False) -> int | None:
         """Python's lookup count of ``nodeid`` after forgetting ``forget``, with the

@@ -14,6 +14,15 @@ fd is closed by whoever drops the last borrow (or at once if nobody holds it).
 Node IDs come from a counter that is never reset, not even by DESTROY, so a
 node ID is never reused and the generation number can stay 0 ("nodeid:gen
 must be unique for the fs's lifetime", fuse.h).
+
+The fd budget (``--inode-file-handles prefer|mandatory``): an inode whose
+file handle could be made (:mod:`.filehandles`) keeps its O_PATH fd only
+while it is among the ``max_fds`` most recently used; past that the least
+recently used unborrowed one is *evicted* (its fd closed, or retired from
+the C fast path's mirror, which hands back its unsettled lookups), and the
+next borrow reopens it by handle.  The root and inodes without a handle
+always keep their fds.  A borrowed inode is never evicted, so ``inode.fd``
+is valid for the whole borrow.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
@@ -32,6 +43,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from ..fuse.abi import ROOT_ID
 
 if TYPE_CHECKING:
+    from .filehandles import FileHandles
     from .locks import InodeLocks
 
 __all__ = ["DirHandle", "FileHandle", "Handle", "HandleTable", "Inode", "InodeTable"]
@@ -53,6 +65,8 @@ class FdMirror(Protocol):
     def publish_inode(self, nodeid: int, fd: int, dev: int, ino: int) -> None: ...
 
     def retire_inode(self, nodeid: int) -> bool: ...
+
+    def evict_inode(self, nodeid: int) -> int | None: ...
 
     def settle(self, nodeid: int, count: int, forget: int, *, keep: bool = False) -> int | None: ...
 
@@ -85,7 +99,7 @@ class _Pinned:
 
     def _release_fd(self) -> None:
         retire, self._retire = self._retire, None
-        if retire is None or not retire():
+        if (retire is None or not retire()) and self.fd >= 0:
             _close(self.fd)
 
 
@@ -128,6 +142,7 @@ class _PinnedTable(Generic[_P]):
             if entry is None:
                 raise OSError(missing, os.strerror(missing))
             entry._pins += 1
+            self._used_locked(key, entry)
         try:
             yield entry
         finally:
@@ -136,6 +151,9 @@ class _PinnedTable(Generic[_P]):
                 close = entry._dead and entry._pins == 0
             if close:
                 entry.close_fds()
+
+    def _used_locked(self, key: int, entry: _P) -> None:
+        """A borrow of ``entry`` began (lock held)."""
 
     def _kill_locked(self, entry: _P) -> bool:
         """Mark dead (caller holds the lock, entry already unlinked); True: close now."""
@@ -152,15 +170,24 @@ class Inode(_Pinned):
     request needs one.  The inode only closes it when it dies.
     """
 
-    __slots__ = ("key", "mode", "nlookup", "nodeid", "plocks")
+    __slots__ = ("handle", "key", "mode", "nlookup", "nodeid", "plocks")
 
-    def __init__(self, nodeid: int, fd: int, key: InodeKey, mode: int) -> None:
+    def __init__(
+        self,
+        nodeid: int,
+        fd: int,
+        key: InodeKey,
+        mode: int,
+        handle: tuple[int, bytes] | None = None,
+    ) -> None:
         super().__init__(fd)
         self.nodeid = nodeid
         self.key = key
         self.mode = mode  # file type bits (st_mode & S_IFMT); fixed for an inode's life
         self.nlookup = 0
         self.plocks: InodeLocks | None = None
+        #: (mount id, file handle): the fd may be evicted and reopened (-1 meanwhile)
+        self.handle = handle
 
     def close_fds(self) -> None:
         if self.plocks is not None:
@@ -169,10 +196,30 @@ class Inode(_Pinned):
 
 
 class InodeTable(_PinnedTable[Inode]):
-    """Node IDs -> :class:`Inode`, deduplicated by ``(st_dev, st_ino)``."""
+    """Node IDs -> :class:`Inode`, deduplicated by ``(st_dev, st_ino)``.
 
-    def __init__(self, root_fd: int, root_stat: os.stat_result) -> None:
+    ``handles``: make file handles of new inodes, so that at most
+    ``max_fds`` of them hold an fd at once (see the module docstring);
+    None: every inode holds its fd (``--inode-file-handles never``).
+    """
+
+    def __init__(
+        self,
+        root_fd: int,
+        root_stat: os.stat_result,
+        *,
+        handles: FileHandles | None = None,
+        max_fds: int = 0,
+    ) -> None:
         super().__init__()
+        if handles is not None and max_fds < 1:
+            raise ValueError("max_fds must be at least 1 with file handles")
+        self._handles = handles
+        self.max_fds = max_fds
+        #: evictable inodes holding an fd, least recently used first
+        self._cached: OrderedDict[int, Inode] = OrderedDict()
+        self.evictions = 0
+        self.reopens = 0
         self._by_key: dict[InodeKey, Inode] = {}
         self._ids = itertools.count(ROOT_ID + 1)
         self.root = Inode(ROOT_ID, root_fd, (root_stat.st_dev, root_stat.st_ino), 0)
@@ -182,12 +229,102 @@ class InodeTable(_PinnedTable[Inode]):
         self._by_key[self.root.key] = self.root
 
     def borrow(self, nodeid: int) -> AbstractContextManager[Inode]:
-        """Pin ``nodeid`` for the duration of a ``with``; EBADF if unknown."""
-        return self._borrow(nodeid, errno.EBADF)
+        """Pin ``nodeid`` for the duration of a ``with``; EBADF if unknown.
+
+        An evicted inode is reopened by its handle first (ESTALE if it is
+        gone from the host, EMFILE/ENFILE if no fd can be had even after
+        shedding the cache).
+        """
+        if self._handles is None:
+            return self._borrow(nodeid, errno.EBADF)
+        return self._borrow_open(nodeid)
+
+    @contextmanager
+    def _borrow_open(self, nodeid: int) -> Iterator[Inode]:
+        with self._borrow(nodeid, errno.EBADF) as inode:
+            if inode.fd < 0:
+                self._reopen(inode)
+            yield inode
+
+    def _reopen(self, inode: Inode) -> None:
+        """Give the pinned, evicted ``inode`` an fd again (by its handle)."""
+        assert self._handles is not None and inode.handle is not None
+        mount_id, handle = inode.handle
+        fd = self.retry_fds(lambda: self._handles.open(mount_id, handle))  # type: ignore[union-attr]
+        with self._lock:
+            if inode.fd < 0 and not inode._dead:
+                inode.fd, fd = fd, -1
+                self.reopens += 1
+                self._cache_locked(inode)
+        if fd >= 0:  # another borrower was first, or the inode died meanwhile
+            _close(fd)
+
+    def retry_fds(self, open_fd: Callable[[], int]) -> int:
+        """``open_fd()``; on EMFILE/ENFILE shed cached inode fds and try once more."""
+        try:
+            return open_fd()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.shed():
+                raise
+        return open_fd()
+
+    def shed(self) -> int:
+        """Evict an eighth of the cached inode fds (at least one); how many went.
+
+        For a process out of fds (EMFILE/ENFILE): the callers retry their open.
+        """
+        with self._lock:
+            return self._evict_locked(len(self._cached) - max(1, len(self._cached) // 8))
+
+    def _used_locked(self, key: int, entry: Inode) -> None:
+        if key in self._cached:
+            self._cached.move_to_end(key)
+
+    def _cache_locked(self, inode: Inode) -> None:
+        """``inode`` got an fd (lock held): publish it, count it, keep the budget."""
+        if self._mirror is not None and inode._retire is None:
+            self._publish_locked(inode.nodeid, inode)
+        if inode.handle is None or inode is self.root:
+            return
+        self._cached[inode.nodeid] = inode
+        if len(self._cached) > self.max_fds:
+            self._evict_locked(self.max_fds)
+
+    def _evict_locked(self, keep: int) -> int:
+        """Close the fds of the least recently used unborrowed inodes until
+        ``keep`` hold one (lock held); returns how many were evicted."""
+        victims = []
+        excess = len(self._cached) - keep
+        for inode in self._cached.values():
+            if excess <= 0:
+                break
+            if inode._pins == 0:
+                victims.append(inode)
+                excess -= 1
+        for inode in victims:
+            del self._cached[inode.nodeid]
+            retire, inode._retire = inode._retire, None
+            credits = None
+            if retire is not None and self._mirror is not None:
+                # The mirror closes the fd once no C request uses it; the
+                # lookups it answered in place become Python's.
+                credits = self._mirror.evict_inode(inode.nodeid)
+            if credits is None:
+                _close(inode.fd)
+            else:
+                inode.nlookup += credits
+            inode.fd = -1
+        self.evictions += len(victims)
+        return len(victims)
+
+    def fds(self) -> int:
+        """Inode fds held now (root included; fds the mirror still closes are not)."""
+        with self._lock:
+            return sum(1 for i in self._entries.values() if i.fd >= 0)
 
     def _publish_locked(self, key: int, entry: Inode) -> None:
         mirror = self._mirror
-        if mirror is None:
+        if mirror is None or entry.fd < 0:
             return
         try:
             mirror.publish_inode(key, entry.fd, entry.key[0], entry.key[1])
@@ -201,16 +338,35 @@ class InodeTable(_PinnedTable[Inode]):
 
         If the inode is already known, ``fd`` is closed and the existing entry
         (and node ID) is reused, so two names of one file share one node.
+        An evicted entry holds nothing that keeps its host inode alive, so
+        its inode number may since belong to a newer file: the handles
+        (which carry the generation) tell, and a newer file gets a node of
+        its own (the old node's reopen then answers ESTALE).
         """
         key = (st.st_dev, st.st_ino)
+        handle = None
         with self._lock:
             inode = self._by_key.get(key)
+            if self._handles is not None and (inode is None or inode.fd < 0):
+                try:  # no I/O: the kernel encodes what the fd holds
+                    handle = self._handles.make(fd, directory=stat.S_ISDIR(st.st_mode))
+                except OSError:  # mandatory: no inode without a handle
+                    _close(fd)
+                    raise
+                if inode is not None and (handle is None or inode.handle != handle):
+                    del self._by_key[key]  # a newer inode with a reused number
+                    inode = None
             if inode is None:
-                inode = Inode(next(self._ids), fd, key, st.st_mode & 0o170000)
+                inode = Inode(next(self._ids), fd, key, st.st_mode & 0o170000, handle)
                 self._entries[inode.nodeid] = inode
                 self._by_key[key] = inode
-                self._publish_locked(inode.nodeid, inode)
                 fd = -1
+                self._cache_locked(inode)
+            elif inode.fd < 0:  # evicted: this fd is as good as a reopen
+                inode.fd, fd = fd, -1
+                self._cache_locked(inode)
+            elif inode.nodeid in self._cached:
+                self._cached.move_to_end(inode.nodeid)
             inode.nlookup += 1
         if fd >= 0:
             _close(fd)
@@ -233,7 +389,9 @@ class InodeTable(_PinnedTable[Inode]):
             if inode.nlookup or inode is self.root:
                 return
             del self._entries[nodeid]
-            del self._by_key[inode.key]
+            if self._by_key.get(inode.key) is inode:  # else a newer inode took the number
+                del self._by_key[inode.key]
+            self._cached.pop(nodeid, None)
             close = self._kill_locked(inode)
         if close:
             inode.close_fds()
@@ -258,6 +416,7 @@ class InodeTable(_PinnedTable[Inode]):
                     to_close.append(inode)
             self._entries = {ROOT_ID: self.root}
             self._by_key = {self.root.key: self.root}
+            self._cached.clear()
             self.root.nlookup = 1
         for inode in to_close:
             inode.close_fds()
@@ -271,6 +430,8 @@ class InodeTable(_PinnedTable[Inode]):
             close = self._kill_locked(self.root)
         if close:
             self.root.close_fds()
+        if self._handles is not None:
+            self._handles.close()
 
 
 class Handle(_Pinned):

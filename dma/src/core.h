@@ -234,6 +234,14 @@ int pvd_fs_publish_handle(struct pvd_fs *fs, uint64_t fh, int fd, uint32_t kind)
 /* PVD_E_NOT_FOUND when key is not published (the caller still owns the fd). */
 int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key);
 /*
+ * Retire inode nodeid to bound the daemon's fds (Python keeps the inode and
+ * reopens it by file handle): as pvd_fs_retire, and *credits gets the
+ * lookups answered in place and not yet settled, read as the entry is
+ * unlinked, so none is lost (a later in-place LOOKUP misses and goes to
+ * Python).
+ */
+int pvd_fs_evict_inode(struct pvd_fs *fs, uint64_t nodeid, uint64_t *credits);
+/*
  * LOOKUP counts.  A LOOKUP answered in place credits its inode here before
  * the reply is published; Python folds the credits into its own count
  * whenever it decides about the inode's life: *total = count + credits -

@@ -405,10 +405,8 @@ uint64_t pvd_fs_credits(struct pvd_fs *fs, uint64_t nodeid)
 	return n;
 }
 
-int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
+static int retire(struct pvd_fs *fs, int table, uint64_t key, uint64_t *credits)
 {
-	if (table < 0 || table > 1)
-		return PVD_E_INVAL;
 	struct shard *s = shard_of(fs, table, key);
 	int close_fd = -1;
 	pthread_mutex_lock(&s->lock);
@@ -422,6 +420,8 @@ int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
 	}
 	*p = e->next;
 	s->count--;
+	if (credits)
+		*credits = e->hidden ? 0 : e->credits; /* under the lock: none can be added after */
 	int unlink_ident = table == PVD_FS_INODES && !e->hidden;
 	uint64_t dev = e->dev, ino = e->ino;
 	if (e->refs == 0) {
@@ -436,6 +436,19 @@ int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
 	if (close_fd >= 0)
 		close(close_fd);
 	return PVD_OK;
+}
+
+int pvd_fs_retire(struct pvd_fs *fs, int table, uint64_t key)
+{
+	if (table < 0 || table > 1)
+		return PVD_E_INVAL;
+	return retire(fs, table, key, NULL);
+}
+
+int pvd_fs_evict_inode(struct pvd_fs *fs, uint64_t nodeid, uint64_t *credits)
+{
+	*credits = 0;
+	return retire(fs, PVD_FS_INODES, nodeid, credits);
 }
 
 uint64_t pvd_fs_count(struct pvd_fs *fs, int table)
@@ -783,6 +796,8 @@ static int fast_lookup(struct pvd_fs *fs, const struct pvd_req *r, const struct 
 	if (fd < 0) {
 		int err = errno;
 		entry_put(fs, PVD_FS_INODES, parent);
+		if (err == EMFILE || err == ENFILE)
+			return 0; /* Python sheds cached inode fds and retries */
 		*used = reply_errno(r, h->unique, err);
 		atomic_fetch_add_explicit(&fs->served[3], 1, memory_order_relaxed);
 		return 1;
