@@ -3,16 +3,40 @@
 Everything here goes through ``ctypes`` to glibc, and every wrapper raises
 ``OSError`` with the real errno.
 
-Credentials (:func:`caller_credentials`)
-    The daemon runs as root.  An operation that creates a file or checks
-    permissions runs with the caller's uid/gid from ``fuse_in_header`` as the
-    thread's *filesystem* uid/gid (``setfsuid``/``setfsgid``), so the host
-    kernel applies its own rules: DAC checks, sticky directories,
-    ``protected_hardlinks``, setgid directories, and new files owned by the
-    caller.  Changing the fsuid from 0 to non-zero also clears the
-    filesystem capabilities (CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID,
-    CAP_CHOWN, CAP_MKNOD, ...) from the thread's effective set, and switching
-    back restores them (capabilities(7)).
+Credentials (the model; DESIGN.md has it opcode by opcode)
+    The guest kernel mounts virtio-fs with ``default_permissions``: it has
+    already checked every permission with the caller's *full* group list
+    (and capabilities) before it sends a request.  The host cannot repeat
+    that check -- the request carries the caller's fsuid and fsgid only, not
+    the supplementary groups -- so it does not try: each operation runs with
+    the identity that gives the local-filesystem *result* (owners,
+    setgid inheritance, setuid/setgid/capability clearing), never a second
+    permission check.
+
+    * :func:`creator_credentials` (CREATE, MKNOD, MKDIR, SYMLINK, RENAME
+      with RENAME_WHITEOUT): fsuid/fsgid are the caller's, so the host
+      kernel gives the new inode the caller's owner, or the directory's
+      group and (for a directory) S_ISGID in a setgid directory.  Switching
+      the fsuid away from 0 clears the filesystem capabilities; the thread
+      then raises CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_MKNOD again
+      (``capset``, per thread) so that a directory writable only through a
+      supplementary group is not refused.  CAP_FSETID stays off: a new
+      non-directory asking for S_ISGID in a setgid directory keeps it only
+      when its group is the caller's fsgid or one of ``groups``
+      (CVE-2022-0358: root's groups, or a guess, must not count).
+    * :func:`killing_credentials` (SETATTR with FATTR_KILL_SUIDGID around
+      chown and truncate, OPEN with O_TRUNC and OPEN_KILL_SUIDGID): the
+      daemon's own fsuid 0, fsgid the caller's, CAP_FSETID dropped, so the
+      host clears setuid, setgid (by the caller's group membership) and
+      ``security.capability`` as it would for that caller.
+    * :func:`caller_credentials` (WRITE with WRITE_KILL_SUIDGID, in Python
+      and in the C fast path): fsuid/fsgid the caller's, no capability
+      raised (the file is already open; the fixup drops CAP_FSETID).
+    * Everything else (SETATTR, OPEN, LINK, UNLINK, RMDIR, RENAME, xattrs)
+      runs as the daemon: root with its capabilities, as the C virtiofsd
+      runs SETATTR.  A chown to a supplementary group the guest allowed
+      succeeds, and the host kernel's chown clears setuid/setgid as it
+      does for any chown of a non-directory.
 
     Per thread, not per process: glibc's ``setfsuid``/``setfsgid`` are plain
     system calls, unlike ``setuid``/``setgroups``, which glibc broadcasts to
@@ -22,14 +46,10 @@ Credentials (:func:`caller_credentials`)
     directly.
 
     Once per worker thread, the first time it switches, the thread drops its
-    supplementary groups (raw ``setgroups(0, NULL)``): the request carries
-    only the primary gid, and root's supplementary groups must not count for
-    the caller (CVE-2022-0358: virtiofsd kept them, and a file created in a
-    setgid directory kept a setgid bit its creator had no right to).  The
-    limit this leaves: a caller's own supplementary groups are unknown, so a
-    file writable only through one of them is refused on the host although
-    the guest allowed it (the same limit virtiofsd had before
-    FUSE_CREATE_SUPP_GROUP).
+    supplementary groups (raw ``setgroups(0, NULL)``): root's supplementary
+    groups must never count for a caller.  ``groups`` (the host mount knows
+    them from ``/proc/<pid>/status``; a virtio guest does not send them)
+    are installed for one creation or kill and dropped again.
 
     When the daemon is not root (euid != 0) nothing is switched: files are
     created as the daemon's user and permission checks are the daemon's.
@@ -69,10 +89,13 @@ __all__ = [
     "UTIME_NOW",
     "UTIME_OMIT",
     "caller_credentials",
+    "creator_credentials",
     "current_fs_ids",
     "fallocate",
     "fchownat",
+    "killing_credentials",
     "renameat2",
+    "supplementary_groups",
     "switching_enabled",
     "syncfs",
     "utimensat",
@@ -89,6 +112,16 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _CLONE_FS = 0x200
 _CAP_FSETID = capabilities.CAP_NAMES["fsetid"]
+#: What a creating thread raises again after its fsuid switch cleared the
+#: filesystem capabilities: the guest has checked directory write/search
+#: permission (and CAP_MKNOD) with the caller's full credentials.
+_CREATOR_CAPS = (
+    1 << capabilities.CAP_NAMES["dac_override"]
+    | 1 << capabilities.CAP_NAMES["dac_read_search"]
+    | 1 << capabilities.CAP_NAMES["mknod"]
+)
+#: NGROUPS_MAX: the most supplementary groups a task can have.
+_NGROUPS_MAX = 65536
 #: ``__NR_setgroups`` (the raw, per-thread system call).
 _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159}.get(platform.machine())
 _NO_ID = 0xFFFF_FFFF  # (uid_t)-1: "leave unchanged" / an invalid id
@@ -194,6 +227,17 @@ def _warn_once(key: str, message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
+def _raw_setgroups(groups: tuple[int, ...]) -> int:
+    """Raw ``setgroups`` for this thread only; 0 or the errno."""
+    if _SYS_SETGROUPS is None:
+        return errno.ENOSYS
+    array = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
+    ret = _libc.syscall(
+        ctypes.c_long(_SYS_SETGROUPS), ctypes.c_long(len(groups)), ctypes.byref(array)
+    )
+    return 0 if ret == 0 else ctypes.get_errno()
+
+
 def _thread_setup(root: bool) -> None:
     if _thread.ready:
         return
@@ -206,14 +250,40 @@ def _thread_setup(root: bool) -> None:
     if root:
         if _SYS_SETGROUPS is None:
             _warn_once("setgroups", "no setgroups syscall number for %s", platform.machine())
-        elif (
-            _libc.syscall(ctypes.c_long(_SYS_SETGROUPS), ctypes.c_long(0), ctypes.c_void_p(None))
-            == 0
-        ):
+        elif (code := _raw_setgroups(())) == 0:
             _thread.groups_dropped = True
         else:
-            code = ctypes.get_errno()
             _warn_once("setgroups", "setgroups(0) failed: %s", os.strerror(code))
+
+
+def supplementary_groups(pid: int) -> tuple[int, ...] | None:
+    """The ``Groups:`` of host process ``pid`` (``/proc/<pid>/status``);
+    None when it is gone or unreadable (then no supplementary group counts)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@contextmanager
+def _thread_groups(groups: tuple[int, ...] | None) -> Iterator[None]:
+    """This thread's supplementary groups are ``groups`` for the body (then none)."""
+    if not groups or not _thread.groups_dropped:
+        yield
+        return
+    code = _raw_setgroups(groups[:_NGROUPS_MAX])
+    if code:
+        raise OSError(code, f"setgroups: {os.strerror(code)}")
+    try:
+        yield
+    finally:
+        code = _raw_setgroups(())
+        if code:  # never leave a caller's groups on a worker thread
+            raise OSError(code, f"setgroups(0): {os.strerror(code)}")
 
 
 def _set_fs_id(setter: str, value: int) -> int:
@@ -247,6 +317,50 @@ def caller_credentials(uid: int, gid: int, *, creating: bool = False) -> Iterato
             _set_fs_id("setfsuid", old_uid)
         if old_gid >= 0:
             _set_fs_id("setfsgid", old_gid)
+
+
+@contextmanager
+def creator_credentials(
+    uid: int, gid: int, groups: tuple[int, ...] | None = None
+) -> Iterator[None]:
+    """Create as ``uid``/``gid`` (with ``groups``), umask 0, and the DAC
+    capabilities the fsuid switch cleared raised again (root only).
+
+    CAP_FSETID stays dropped (for a non-root caller), so S_ISGID on a new
+    file in a setgid directory survives only for a member of its group.
+    Guest root (uid 0) keeps every capability, as root does locally.
+    """
+    root = switching_enabled()
+    _thread_setup(root)
+    if not root:
+        with caller_credentials(uid, gid, creating=True):
+            yield
+        return
+    effective = capabilities.current()[0]
+    try:
+        with _thread_groups(groups), caller_credentials(uid, gid, creating=True):
+            if uid != 0:  # the switch cleared the filesystem capabilities
+                capabilities.set_effective(capabilities.current()[0] | effective & _CREATOR_CAPS)
+            yield
+    finally:
+        if capabilities.current()[0] != effective:
+            capabilities.set_effective(effective)
+
+
+@contextmanager
+def killing_credentials(gid: int, groups: tuple[int, ...] | None = None) -> Iterator[None]:
+    """fsgid ``gid`` (with ``groups``) and no CAP_FSETID for the body: the host
+    clears setuid/setgid/capabilities as for a caller of that group.  The
+    fsuid stays the daemon's; nothing but the kill depends on it."""
+    root = switching_enabled()
+    _thread_setup(root)
+    if not root:
+        with without_fsetid():
+            yield
+        return
+    fsuid = current_fs_ids()[0]
+    with _thread_groups(groups), caller_credentials(fsuid, gid), without_fsetid():
+        yield
 
 
 @contextmanager

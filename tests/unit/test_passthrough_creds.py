@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,18 @@ from pyvirtiofsd.daemon.fuse.session import FuseSession
 from pyvirtiofsd.daemon.passthrough import PassthroughFs, oscalls
 from tests.support.fakechain import (
     CREATE,
+    FATTR_GID,
     FATTR_KILL_SUIDGID,
     FATTR_MODE,
     FATTR_SIZE,
+    FATTR_UID,
     LINK,
     MKDIR,
     MKNOD,
     OPEN,
     OPEN_KILL_SUIDGID,
     RENAME,
+    RENAME2,
     SETATTR,
     SYMLINK,
     UNLINK,
@@ -138,39 +140,202 @@ def test_setgid_directory_rules(client: FuseClient, root: Path) -> None:
     assert st.st_gid == 2000 and not st.st_mode & stat.S_ISGID
 
 
-def test_permission_checks_are_the_callers(client: FuseClient, root: Path) -> None:
-    (root / "a.txt").write_bytes(b"A's\n")
-    os.chown(root / "a.txt", A, A)
-    os.chmod(root / "a.txt", 0o644)
-    os.mkdir(root / "adir", 0o755)
-    os.chown(root / "adir", A, A)
-    f = client.lookup(1, b"a.txt")
-    adir = client.lookup(1, b"adir")
+G1, G2 = 2000, 2001  # groups A belongs to only as supplementary groups
+
+
+def local(
+    uid: int, gid: int, groups: tuple[int, ...], where: Path, fn: Callable[[int], object]
+) -> object:
+    """``fn(dir_fd)`` as a local caller would run it: fsuid/fsgid and
+    supplementary groups set on a fresh thread (raw syscalls, per thread),
+    no capabilities; ``dir_fd`` is ``where`` opened as root (pytest's tmp
+    directories are not searchable by ``uid``).  Returns the result or the
+    ``OSError`` it raised."""
+    out: list[object] = []
+    dir_fd = os.open(where, os.O_PATH | os.O_DIRECTORY)
+
+    def body() -> None:
+        with oscalls.caller_credentials(uid, gid):  # (its first use drops all groups)
+            assert oscalls._raw_setgroups(groups) == 0
+            try:
+                out.append(fn(dir_fd))
+            except OSError as exc:
+                out.append(exc)
+
+    try:
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+    finally:
+        os.close(dir_fd)
+    return out[0]
+
+
+def group_dir(path: Path, gid: int, mode: int) -> Path:
+    path.mkdir()
+    os.chown(path, 0, gid)
+    os.chmod(path, mode)
+    return path
+
+
+def thread_groups() -> list[str]:
+    for line in thread_status().splitlines():
+        if line.startswith("Groups:"):
+            return line.split()[1:]
+    raise AssertionError("no Groups")
+
+
+def caps_effective() -> int:
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no CapEff")
+
+
+def test_supplementary_group_dir_accepts_what_the_guest_allowed(
+    client: FuseClient, root: Path
+) -> None:
+    # root:G1 0770: A may create here only through G1 (the guest checked that)
+    group_dir(root / "grp", G1, 0o770)
+    before = caps_effective()
+    d = client.lookup(1, b"grp")
+    assert client.call(
+        CREATE, d.nodeid, create_body(b"f", os.O_WRONLY | os.O_CREAT), uid=A, gid=A
+    ).ok
+    assert client.call(MKDIR, d.nodeid, mkdir_body(b"d"), uid=A, gid=A).ok
+    assert client.call(MKNOD, d.nodeid, mknod_body(b"p", stat.S_IFIFO | 0o640), uid=A, gid=A).ok
+    assert client.call(SYMLINK, d.nodeid, b"s\0f\0", uid=A, gid=A).ok
+    f = client.lookup(d.nodeid, b"f")
+    link = struct.pack("<Q", f.nodeid) + b"h\0"
+    assert client.call(LINK, d.nodeid, link, uid=A, gid=A).ok
+    assert client.call(RENAME, d.nodeid, rename_body(d.nodeid, b"h", b"h2"), uid=A, gid=A).ok
+    for name in ("f", "d", "p", "s"):
+        st = os.lstat(root / "grp" / name)
+        assert (st.st_uid, st.st_gid) == (A, A), name  # a plain directory: the caller's gid
+    assert (root / "grp/h2").samefile(root / "grp/f")
+    assert client.call(UNLINK, d.nodeid, name_body(b"h2"), uid=A, gid=A).ok
+    # a file writable only through G1 opens for writing and truncates
+    (root / "grp/shared").write_bytes(b"data")
+    os.chown(root / "grp/shared", 0, G1)
+    os.chmod(root / "grp/shared", 0o660)
+    shared = client.lookup(d.nodeid, b"shared")
     wr = struct.pack("<II", os.O_WRONLY, 0)
-    assert client.call(OPEN, f.nodeid, wr, uid=B, gid=B).error == -errno.EACCES
-    assert client.call(OPEN, f.nodeid, wr, uid=A, gid=A).ok
-    assert client.call(OPEN, f.nodeid, struct.pack("<II", os.O_RDONLY, 0), uid=B, gid=B).ok
-    trunc = setattr_body(FATTR_SIZE)
-    assert client.call(SETATTR, f.nodeid, trunc, uid=B, gid=B).error == -errno.EACCES
-    chmod = setattr_body(FATTR_MODE, mode=0o666)
-    assert client.call(SETATTR, f.nodeid, chmod, uid=B, gid=B).error == -errno.EPERM
-    body = create_body(b"x", os.O_WRONLY | os.O_CREAT)
-    assert client.call(CREATE, adir.nodeid, body, uid=B, gid=B).error == -errno.EACCES
-    assert client.call(MKDIR, adir.nodeid, mkdir_body(b"y"), uid=B, gid=B).error == -errno.EACCES
-    assert client.call(CREATE, adir.nodeid, body, uid=A, gid=A).ok
-    assert client.call(UNLINK, adir.nodeid, name_body(b"x"), uid=B, gid=B).error == -errno.EACCES
-    ren = rename_body(1, b"x", b"z")
-    assert client.call(RENAME, adir.nodeid, ren, uid=B, gid=B).error == -errno.EACCES
-    # B may not link A's file: fs.protected_hardlinks (EPERM, checked first)
-    # or, with it off, no write permission on adir (EACCES)
-    protected = Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
-    link = struct.pack("<Q", f.nodeid) + b"mine\0"
-    expected = errno.EPERM if protected else errno.EACCES
-    assert client.call(LINK, adir.nodeid, link, uid=B, gid=B).error == -expected
-    assert client.call(UNLINK, adir.nodeid, name_body(b"x"), uid=A, gid=A).ok
-    assert (root / "a.txt").read_bytes() == b"A's\n" and stat.S_IMODE(
-        os.stat(root / "a.txt").st_mode
-    ) == 0o644
+    assert client.call(OPEN, shared.nodeid, wr, uid=A, gid=A).ok
+    assert client.call(SETATTR, shared.nodeid, setattr_body(FATTR_SIZE, size=1), uid=A, gid=A).ok
+    assert os.stat(root / "grp/shared").st_size == 1
+    # and the thread is the daemon again, every capability back
+    assert fs_ids(thread_status()) == (0, 0) and caps_effective() == before
+
+
+@pytest.mark.parametrize("mode", [0o6755, 0o4755, 0o2755, 0o0755])
+def test_chown_to_a_supplementary_group_matches_local(
+    client: FuseClient, root: Path, tmp_path: Path, mode: int
+) -> None:
+    """The issue's case: uid A, egid A, supplementary {G1}: chown(f, A, G1)
+    succeeds and clears setuid/setgid as a local chown does."""
+    refdir = group_dir(tmp_path / "refdir", 0, 0o755)
+    ref = refdir / "f"
+    for path in (root / "f", ref):
+        path.write_bytes(b"#!/bin/sh\n")
+        os.chown(path, A, A)
+        os.chmod(path, mode)
+    result = local(A, A, (G1,), refdir, lambda d: os.chown("f", A, G1, dir_fd=d))
+    assert result is None, result
+    f = client.lookup(1, b"f")
+    # the guest sends FATTR_KILL_SUIDGID with every chown of a non-directory
+    body = setattr_body(FATTR_UID | FATTR_GID | FATTR_KILL_SUIDGID, uid=A, gid=G1)
+    assert client.call(SETATTR, f.nodeid, body, uid=A, gid=A).ok
+    ours, theirs = os.stat(root / "f"), os.stat(ref)
+    assert (ours.st_uid, ours.st_gid, ours.st_mode) == (
+        theirs.st_uid,
+        theirs.st_gid,
+        theirs.st_mode,
+    )
+    assert not stat.S_IMODE(ours.st_mode) & stat.S_ISUID
+    assert fs_ids(thread_status()) == (0, 0)
+
+
+def test_chmod_setgid_on_a_supplementary_group_file_is_kept(client: FuseClient, root: Path) -> None:
+    # A owns f, f's group is G1 (A is a member): chmod g+s stays, as locally
+    (root / "f").write_bytes(b"")
+    os.chown(root / "f", A, G1)
+    f = client.lookup(1, b"f")
+    body = setattr_body(FATTR_MODE, mode=0o2755)
+    assert client.call(SETATTR, f.nodeid, body, uid=A, gid=A).ok
+    assert stat.S_IMODE(os.stat(root / "f").st_mode) == 0o2755
+
+
+@pytest.mark.parametrize("groups", [None, (G1,)])
+def test_setgid_directory_with_and_without_known_groups(
+    client: FuseClient, root: Path, tmp_path: Path, groups: tuple[int, ...] | None
+) -> None:
+    """A new file asking for S_ISGID in a setgid directory of group G1 keeps it
+    exactly when the creator is known to be in G1 (the host mount knows the
+    groups; a virtio guest does not send them, and then no group counts)."""
+    group_dir(root / "sg", G1, 0o2777)
+    ref = group_dir(tmp_path / "ref", G1, 0o2777)
+    client.session.fs.caller_groups = None if groups is None else (lambda pid: groups)
+    sg = client.lookup(1, b"sg")
+    body = create_body(b"f", os.O_WRONLY | os.O_CREAT, 0o102755)
+    assert client.call(CREATE, sg.nodeid, body, uid=A, gid=A).ok
+    assert client.call(MKDIR, sg.nodeid, mkdir_body(b"d", 0o755), uid=A, gid=A).ok
+
+    def make(d: int) -> None:
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o2755, dir_fd=d))
+        os.mkdir("d", 0o755, dir_fd=d)
+
+    old = os.umask(0)
+    try:
+        assert local(A, A, groups or (), ref, make) is None
+    finally:
+        os.umask(old)
+    for name in ("f", "d"):
+        ours, theirs = os.stat(root / "sg" / name), os.stat(ref / name)
+        assert (ours.st_uid, ours.st_gid, ours.st_mode) == (
+            theirs.st_uid,
+            theirs.st_gid,
+            theirs.st_mode,
+        ), name
+    assert os.stat(ref / "d").st_mode & stat.S_ISGID and os.stat(ref / "d").st_gid == G1
+    assert bool(os.stat(ref / "f").st_mode & stat.S_ISGID) == (groups is not None)
+    assert thread_groups() == [], "no caller's group stays on the thread"
+
+
+def test_groups_are_dropped_after_a_creation(client: FuseClient, root: Path) -> None:
+    seen: list[str] = []
+    client.session.fs.caller_groups = lambda pid: (G1, G2)
+    real_mkdir = os.mkdir
+
+    def spy(*args: object, **kw: object) -> None:
+        with open("/proc/thread-self/status") as f:
+            seen.extend(line for line in f if line.startswith("Groups:"))
+        real_mkdir(*args, **kw)  # type: ignore[arg-type]
+
+    os.mkdir = spy  # type: ignore[assignment]
+    try:
+        assert client.call(MKDIR, 1, mkdir_body(b"d"), uid=A, gid=A).ok
+    finally:
+        os.mkdir = real_mkdir
+    assert seen[0].split()[1:] == [str(G1), str(G2)]
+    assert thread_groups() == []
+
+
+def test_whiteout_rename_belongs_to_the_caller(client: FuseClient, root: Path) -> None:
+    group_dir(root / "grp", G1, 0o770)
+    d = client.lookup(1, b"grp")
+    assert client.call(
+        CREATE, d.nodeid, create_body(b"f", os.O_WRONLY | os.O_CREAT), uid=A, gid=A
+    ).ok
+    body = rename_body(d.nodeid, b"f", b"g", flags=4)  # RENAME_WHITEOUT
+    assert client.call(RENAME2, d.nodeid, body, uid=A, gid=A).ok
+    st = os.lstat(root / "grp/f")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and (st.st_uid, st.st_gid) == (A, A)
+
+
+def test_supplementary_groups_from_proc() -> None:
+    assert oscalls.supplementary_groups(os.getpid()) == tuple(os.getgroups())
+    assert oscalls.supplementary_groups(2**22 + 12345) is None  # no such process
 
 
 def local_write_as(path: Path, uid: int) -> int:
