@@ -21,8 +21,10 @@ The virtio path does not depend on this module.  What differs from a guest
   as the daemon and setuid/setgid are not cleared for a non-root writer
   (libfuse asks for HANDLE_KILLPRIV v1 and leaves that to the filesystem).
 * ``utimensat(UTIME_NOW)`` reaches us as an explicit time (pyfuse3 reads the
-  clock), so a non-owner with write permission gets EPERM where a guest
-  would succeed.
+  clock); SETATTR runs as the daemon, so the kernel's check stands.
+* The caller's supplementary groups come from ``/proc/<pid>/status`` (a
+  guest does not send them): a file made in a setgid directory keeps a
+  requested S_ISGID exactly when the caller is in the directory's group.
 * XATTR_CREATE/XATTR_REPLACE are checked by pyfuse3 with a GETXATTR first.
 * The RequestContext's ``umask`` is informational: without DONT_MASK the
   kernel has already applied it to the mode it sends.
@@ -58,6 +60,7 @@ from .fuse.abi import (
     EntryOut,
     SetattrIn,
 )
+from .passthrough import oscalls
 from .passthrough.filesystem import PassthroughFs, RequestContext
 from .service import CACHE_TIMEOUTS
 
@@ -167,6 +170,9 @@ class HostOperations(pyfuse3.Operations):
     def __init__(self, fs: PassthroughFs, *, direct_io: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        # The callers are host processes: their supplementary groups are in
+        # /proc/<pid>/status, so setgid and kill decisions use all of them.
+        fs.caller_groups = oscalls.supplementary_groups
         self.direct_io = direct_io
         self._dirs: dict[int, int] = {}  # dir handle -> its node id
         self._root_ctx = RequestContext(0, 0, 0)

@@ -23,10 +23,15 @@ Security model (what keeps the guest inside the share):
 * Device nodes are not created unless ``allow_device_nodes`` (a device node
   in the share is a device on the host); a whiteout (char 0:0) is allowed.
 
-Credentials: operations that create, remove or rename names, open for
-writing or change attributes or xattrs run as the caller's fsuid/fsgid (see
-:mod:`.oscalls`); reads, lookups and directory listing run as the daemon
-(the guest mounts virtio-fs with ``default_permissions`` and has checked).
+Credentials (see :mod:`.oscalls`, and DESIGN.md opcode by opcode): the
+guest mounts virtio-fs with ``default_permissions`` and has checked every
+permission with the caller's full group list, so the host never checks
+again.  Operations that make an inode (CREATE, MKNOD, MKDIR, SYMLINK, a
+RENAME_WHITEOUT) run as the caller's fsuid/fsgid for its owner and setgid
+inheritance, with the DAC capabilities raised again; a kill of
+setuid/setgid runs with the caller's fsgid and without CAP_FSETID; all
+else (SETATTR, OPEN, LINK, UNLINK, RMDIR, RENAME, xattrs, reads) runs as
+the daemon.
 
 Handlers are thin: they validate, borrow the inode/handle, call a private
 helper and return a typed value.  Failures are ``OSError`` and are turned into
@@ -42,7 +47,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -137,6 +142,7 @@ _SYMLINK_MAX = 4095  # PATH_MAX - 1
 #: fallocate(2) modes we pass on; the host filesystem judges the combination.
 _FALLOC_MODES = 0x01 | 0x02 | 0x08 | 0x10 | 0x20 | 0x40
 _RENAME_FLAGS = 0x1 | 0x2 | 0x4  # NOREPLACE, EXCHANGE, WHITEOUT
+_RENAME_WHITEOUT = 0x4
 _FATTR_TIMES = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
 _MAX_RW = 0x7FFF_F000  # MAX_RW_COUNT: the kernel's cap on one transfer
 
@@ -301,6 +307,9 @@ class PassthroughFs:
         self.xattr = xattr
         self.writeback = writeback
         self.allow_device_nodes = allow_device_nodes
+        #: pid -> that caller's supplementary groups, where the pid is a host
+        #: process (the host mount); a virtio guest's pids mean nothing here.
+        self.caller_groups: Callable[[int], tuple[int, ...] | None] | None = None
         if max_dir_handles < 1:
             raise ValueError("max_dir_handles must be at least 1")
         self._dir_budget = _Budget(max_dir_handles)
@@ -406,8 +415,22 @@ class PassthroughFs:
             raise _err(errno.EROFS)
 
     @staticmethod
-    def _as_caller(ctx: RequestContext, *, creating: bool = False) -> AbstractContextManager[None]:
-        return oscalls.caller_credentials(ctx.uid, ctx.gid, creating=creating)
+    def _as_caller(ctx: RequestContext) -> AbstractContextManager[None]:
+        """The caller's fsuid/fsgid, no capability raised (a kill-suid WRITE)."""
+        return oscalls.caller_credentials(ctx.uid, ctx.gid)
+
+    def _groups(self, ctx: RequestContext) -> tuple[int, ...] | None:
+        return None if self.caller_groups is None else self.caller_groups(ctx.pid)
+
+    def _as_creator(self, ctx: RequestContext) -> AbstractContextManager[None]:
+        """Make an inode: its owner is the caller (see :func:`.oscalls.creator_credentials`)."""
+        return oscalls.creator_credentials(ctx.uid, ctx.gid, self._groups(ctx))
+
+    def _killing(self, ctx: RequestContext, kill: object) -> AbstractContextManager[None]:
+        """When ``kill``: clear setuid/setgid as the host would for the caller's group."""
+        if not kill:
+            return nullcontext()
+        return oscalls.killing_credentials(ctx.gid, self._groups(ctx))
 
     @staticmethod
     def _kill_if(kill: object) -> AbstractContextManager[None]:
@@ -487,7 +510,7 @@ class PassthroughFs:
             return os.readlink(b"", dir_fd=inode.fd)
 
     def open(self, nodeid: int, flags: int, ctx: RequestContext, open_flags: int = 0) -> OpenOut:
-        """Open a regular file; writing (or truncating) opens run as the caller.
+        """Open a regular file, as the daemon (the guest has checked the access).
 
         ``open_flags & OPEN_KILL_SUIDGID`` (with O_TRUNC): the truncation
         clears setuid/setgid as it would for a caller without CAP_FSETID.
@@ -503,8 +526,7 @@ class PassthroughFs:
                 # kernel never sends OPEN for them); opening one here would
                 # reach a host device or block a worker on a FIFO.
                 raise _err(errno.ENXIO)
-            creds = self._as_caller(ctx) if writing else nullcontext()
-            with creds, self._kill_if(flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID):
+            with self._killing(ctx, flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID):
                 fd = self._open_inode(inode.fd, self._host_open_flags(flags))
         fh = self.handles.add(FileHandle(fd, nodeid))
         return OpenOut(fh=fh, open_flags=self._open_out_flags(flags), padding=0)
@@ -677,8 +699,10 @@ class PassthroughFs:
         through the O_PATH fd: chmod via its /proc magic link (refused for a
         symlink), chown with AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, truncate on
         a write-reopened fd, timestamps on the magic link (AT_EMPTY_PATH for
-        a symlink).  Runs as the caller; FATTR_KILL_SUIDGID drops CAP_FSETID
-        around chown and truncate so the host clears the bits itself.
+        a symlink).  Runs as the daemon (the guest has checked with the
+        caller's full group list); the host's chown clears setuid/setgid of a
+        non-directory itself, and FATTR_KILL_SUIDGID runs chown and truncate
+        with the caller's fsgid and without CAP_FSETID so that truncate does too.
         """
         self._check_writable()
         valid = arg.valid
@@ -688,7 +712,6 @@ class PassthroughFs:
             fd: int | None = None
             if valid & abi.FATTR_FH:
                 fd = stack.enter_context(self.handles.borrow(arg.fh, Handle)).fd
-            stack.enter_context(self._as_caller(ctx))
             if valid & abi.FATTR_MODE:
                 mode = arg.mode & 0o7777
                 if fd is not None:
@@ -700,35 +723,35 @@ class PassthroughFs:
             if valid & (abi.FATTR_UID | abi.FATTR_GID):
                 uid = arg.uid if valid & abi.FATTR_UID else -1
                 gid = arg.gid if valid & abi.FATTR_GID else -1
-                with self._kill_if(kill):
+                with self._killing(ctx, kill):
                     if fd is not None:
                         os.chown(fd, uid, gid)
                     else:
                         flags = oscalls.AT_EMPTY_PATH | oscalls.AT_SYMLINK_NOFOLLOW
                         oscalls.fchownat(inode.fd, b"", uid, gid, flags)
             if valid & abi.FATTR_SIZE:
-                self._truncate(inode, fd, arg.size, kill)
+                with self._killing(ctx, kill):
+                    self._truncate(inode, fd, arg.size)
             if valid & _FATTR_TIMES:
                 self._utimens(inode, fd, arg)
             st = os.fstat(inode.fd if fd is None else fd)
         return AttrOut(self.attr_timeout[0], self.attr_timeout[1], 0, stat_to_attr(st))
 
-    def _truncate(self, inode: Inode, fd: int | None, size: int, kill: int) -> None:
+    def _truncate(self, inode: Inode, fd: int | None, size: int) -> None:
         if size > abi.OFFSET_MAX:
             raise _err(errno.EINVAL)
-        with self._kill_if(kill):
-            if fd is not None:
-                os.truncate(fd, size)
-                return
-            if inode.mode == stat.S_IFDIR:
-                raise _err(errno.EISDIR)
-            if inode.mode != stat.S_IFREG:
-                raise _err(errno.EINVAL)
-            wfd = self._reopen(inode.fd, os.O_WRONLY)  # the caller's write permission
-            try:
-                os.truncate(wfd, size)
-            finally:
-                os.close(wfd)
+        if fd is not None:
+            os.truncate(fd, size)
+            return
+        if inode.mode == stat.S_IFDIR:
+            raise _err(errno.EISDIR)
+        if inode.mode != stat.S_IFREG:
+            raise _err(errno.EINVAL)  # never open a device, FIFO or socket
+        wfd = self._reopen(inode.fd, os.O_WRONLY)  # the guest checked write permission
+        try:
+            os.truncate(wfd, size)
+        finally:
+            os.close(wfd)
 
     def _utimens(self, inode: Inode, fd: int | None, arg: SetattrIn) -> None:
         def spec(now: int, given: int, sec: int, nsec: int) -> tuple[int, int]:
@@ -768,7 +791,7 @@ class PassthroughFs:
             if not (whiteout or self.allow_device_nodes):
                 raise _err(errno.EPERM)
         with self.inodes.borrow(parent) as dir_inode:
-            with self._as_caller(ctx, creating=True):
+            with self._as_creator(ctx):
                 os.mknod(name, ftype | (mode & 0o7777), device, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
 
@@ -776,7 +799,7 @@ class PassthroughFs:
         self._check_writable()
         validate_name(name)
         with self.inodes.borrow(parent) as dir_inode:
-            with self._as_caller(ctx, creating=True):
+            with self._as_creator(ctx):
                 os.mkdir(name, mode & 0o7777, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
 
@@ -789,7 +812,7 @@ class PassthroughFs:
         if len(target) > _SYMLINK_MAX:
             raise _err(errno.ENAMETOOLONG)
         with self.inodes.borrow(parent) as dir_inode:
-            with self._as_caller(ctx, creating=True):
+            with self._as_creator(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
 
@@ -804,26 +827,29 @@ class PassthroughFs:
         with self.inodes.borrow(nodeid) as inode, self.inodes.borrow(parent) as dir_inode:
             if inode.mode == stat.S_IFDIR:
                 raise _err(errno.EPERM)
-            with self._as_caller(ctx):
-                os.link(
-                    str(inode.fd),
-                    name,
-                    src_dir_fd=self._proc_fd,
-                    dst_dir_fd=dir_inode.fd,
-                    follow_symlinks=True,
-                )
+            # As the daemon: the guest has applied protected_hardlinks and
+            # the directory's permissions; a link makes no inode to own.
+            os.link(
+                str(inode.fd),
+                name,
+                src_dir_fd=self._proc_fd,
+                dst_dir_fd=dir_inode.fd,
+                follow_symlinks=True,
+            )
             return self._lookup_at(dir_inode.fd, name)
 
     def unlink(self, parent: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         validate_name(name)
-        with self.inodes.borrow(parent) as dir_inode, self._as_caller(ctx):
+        del ctx  # the guest has checked the directory and its sticky bit
+        with self.inodes.borrow(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
 
     def rmdir(self, parent: int, name: bytes, ctx: RequestContext) -> None:
         self._check_writable()
         validate_name(name)
-        with self.inodes.borrow(parent) as dir_inode, self._as_caller(ctx):
+        del ctx  # the guest has checked the directory and its sticky bit
+        with self.inodes.borrow(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
 
     def rename(
@@ -844,7 +870,9 @@ class PassthroughFs:
         with (
             self.inodes.borrow(parent) as old_dir,
             self.inodes.borrow(newparent) as new_dir,
-            self._as_caller(ctx),
+            # A whiteout is a new inode (char 0:0): the caller owns it, and
+            # the host wants CAP_MKNOD for it.  Else as the daemon.
+            self._as_creator(ctx) if flags & _RENAME_WHITEOUT else nullcontext(),
         ):
             if flags:
                 oscalls.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
@@ -872,7 +900,7 @@ class PassthroughFs:
         kill = flags & os.O_TRUNC and open_flags & abi.OPEN_KILL_SUIDGID
         with (
             self.inodes.borrow(parent) as dir_inode,
-            self._as_caller(ctx, creating=True),
+            self._as_creator(ctx),
             self._kill_if(kill),
         ):
             fd = self._create_or_open(dir_inode.fd, name, flags, oflags, mode & 0o7777)
@@ -1041,7 +1069,6 @@ class PassthroughFs:
             raise _err(errno.EINVAL)
         with (
             self.inodes.borrow(nodeid) as inode,
-            self._as_caller(ctx),
             procfs.in_proc_fd_dir(self._proc_fd),
         ):
             os.setxattr(str(inode.fd), host, value, flags)
@@ -1078,7 +1105,6 @@ class PassthroughFs:
         host = self._write_xattr_name(name, ctx)
         with (
             self.inodes.borrow(nodeid) as inode,
-            self._as_caller(ctx),
             procfs.in_proc_fd_dir(self._proc_fd),
         ):
             os.removexattr(str(inode.fd), host)
