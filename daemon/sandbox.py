@@ -15,8 +15,22 @@
    shared directory onto itself and ``pivot_root``\\ s into it; the old root
    is detached.  The shared directory is then ``/``.
 
+Not root, ``namespace`` first makes the daemon root of a new user
+namespace (``unshare(CLONE_NEWUSER)``), as virtiofsd does; then the steps
+above, which that root may take in namespaces its user namespace owns.
+Without ``--uid-map``/``--gid-map`` the process maps itself: namespace id
+0 is its own uid/gid (``/proc/self/uid_map``, ``setgroups`` denied), the
+only mapping the kernel lets an unprivileged process write.  With them a
+helper forked before the unshare (it stays in the host's namespace) runs
+``newuidmap``/``newgidmap`` (setuid root, Debian's ``uidmap``; the ranges
+must be the user's in ``/etc/subuid``/``/etc/subgid``) on the process, and
+the missing one of the two maps the own id only.  Host ids the namespace
+does not map appear as the overflow id (65534); the daemon can switch its
+fsuid only to mapped ids.
+
 ``chroot``: ``/proc/self/fd`` is opened, then ``chroot`` into the shared
-directory.  ``none``: nothing.
+directory (needs CAP_SYS_CHROOT: refused at start-up when not root).
+``none``: nothing.
 
 Python imports lazily, and after ``pivot_root`` no module file can be found:
 :func:`preload` imports everything the daemon uses later, and a last
@@ -39,12 +53,14 @@ import os
 import pkgutil
 import platform
 import signal
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import capabilities, procfs
+from .idmap import NamespaceMap, namespace_map_args
 
 __all__ = ["MODES", "LateImportLogger", "default_mode", "enter", "preload"]
 
@@ -69,6 +85,7 @@ CLONE_NEWUTS = 0x0400_0000
 CLONE_NEWIPC = 0x0800_0000
 CLONE_NEWPID = 0x2000_0000
 CLONE_NEWNET = 0x4000_0000
+CLONE_NEWUSER = 0x1000_0000
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
@@ -205,6 +222,75 @@ def _open_proc() -> None:
     procfs.set_proc_self_fd(os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
 
 
+def _write_proc(name: str, text: str) -> None:
+    with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
+        f.write(text)
+
+
+def _map_with_tools(
+    pid: int, uid_map: Sequence[NamespaceMap], gid_map: Sequence[NamespaceMap]
+) -> str:
+    """In the helper: newuidmap/newgidmap on ``pid``; an error message or ""."""
+    own = {"uid": os.getuid(), "gid": os.getgid()}
+    for kind, ranges in (("uid", uid_map), ("gid", gid_map)):
+        ranges = ranges or (NamespaceMap(0, own[kind], 1),)
+        argv = [f"new{kind}map", str(pid), *namespace_map_args(ranges)]
+        try:
+            r = subprocess.run(argv, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{argv[0]}: {e} (install Debian's uidmap)"
+        if r.returncode != 0:
+            why = r.stderr.decode(errors="replace").strip() or f"exit status {r.returncode}"
+            return f"{' '.join(argv)}: {why}"
+    return ""
+
+
+def _enter_user_namespace(uid_map: Sequence[NamespaceMap], gid_map: Sequence[NamespaceMap]) -> None:
+    """Become root of a new user namespace (see the module docstring)."""
+    uid, gid = os.geteuid(), os.getegid()
+    if not uid_map and not gid_map:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        _write_proc("setgroups", "deny")
+        _write_proc("uid_map", f"0 {uid} 1\n")
+        _write_proc("gid_map", f"0 {gid} 1\n")
+    else:
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        parent = os.getpid()
+        helper = os.fork()
+        if helper == 0:  # stays in the host's user namespace
+            os.close(go_w)
+            os.close(done_r)
+            message = "the daemon did not unshare"
+            if os.read(go_r, 1) == b"1":
+                message = _map_with_tools(parent, uid_map, gid_map)
+            os.write(done_w, message.encode()[:4000])
+            os._exit(1 if message else 0)
+        os.close(go_r)
+        os.close(done_w)
+        unshared = _libc.unshare(CLONE_NEWUSER) == 0
+        code = ctypes.get_errno()
+        os.write(go_w, b"1" if unshared else b"0")
+        os.close(go_w)
+        chunks = []
+        while chunk := os.read(done_r, 4096):
+            chunks.append(chunk)
+        os.close(done_r)
+        _, status = os.waitpid(helper, 0)
+        if not unshared:
+            raise OSError(code, f"unshare(CLONE_NEWUSER): {os.strerror(code)}")
+        if status != 0:
+            raise OSError(b"".join(chunks).decode(errors="replace") or "id mapping failed")
+    # root of the namespace now: make the ids read as 0 (mapped above)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    log.info(
+        "sandbox: user namespace, uid map %s, gid map %s",
+        " ".join(map(str, uid_map)) or f":0:{uid}:1:",
+        " ".join(map(str, gid_map)) or f":0:{gid}:1:",
+    )
+
+
 def _enter_chroot(shared: Path) -> Path:
     _open_proc()
     os.chroot(shared)
@@ -276,16 +362,35 @@ def _supervise(child: int, cleanup: Callable[[], None], ready: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def enter(mode: str, shared: Path, *, parent_cleanup: Callable[[], None]) -> Path:
+def enter(
+    mode: str,
+    shared: Path,
+    *,
+    parent_cleanup: Callable[[], None],
+    uid_map: Sequence[NamespaceMap] = (),
+    gid_map: Sequence[NamespaceMap] = (),
+) -> Path:
     """Confine the process (see the module docstring); return the shared
     directory's path inside the sandbox.
 
     In ``namespace`` mode only the sandboxed child returns; the outer
     process runs ``parent_cleanup`` once the child is gone and exits with
-    its status.  Must run while the process has one thread.
+    its status.  Must run while the process has one thread.  ``uid_map`` /
+    ``gid_map`` (``--uid-map``/``--gid-map``) are for a daemon that is not
+    root, in ``namespace`` mode only.
     """
+    rootless = os.geteuid() != 0
+    if (uid_map or gid_map) and (mode != "namespace" or not rootless):
+        raise ValueError(
+            "--uid-map/--gid-map need --sandbox namespace and a daemon that is not root"
+        )
     if mode == "none":
         return shared
+    if mode == "chroot" and rootless:
+        raise ValueError(
+            "--sandbox chroot needs root (CAP_SYS_CHROOT); not root, use --sandbox "
+            "namespace (a user namespace) or none"
+        )
     preload()
     if mode == "chroot":
         path = _enter_chroot(shared)
@@ -293,6 +398,8 @@ def enter(mode: str, shared: Path, *, parent_cleanup: Callable[[], None]) -> Pat
         return path
     if mode != "namespace":
         raise ValueError(f"unknown sandbox mode {mode!r}")
+    if rootless:
+        _enter_user_namespace(uid_map, gid_map)
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -29,6 +29,7 @@ libseccomp2
 libvirt-daemon
 libvirt-daemon-driver-qemu
 libvirt-clients
+uidmap
 "
 
 missing=""

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from ..idmap import IDENTITY, IdTranslation
 from . import abi
 from .abi import InHeader, InitFlag, InitOut, Opcode
 from .errors import (
@@ -150,10 +151,6 @@ def _two_names(body: bytes) -> tuple[bytes, bytes]:
     return first, _name(rest)
 
 
-def _ctx(hdr: InHeader) -> RequestContext:
-    return RequestContext(hdr.uid, hdr.gid, hdr.pid)
-
-
 _NO_ENTRY = abi.EntryOut(0, 0, 0, 0, 0, 0, abi.Attr(*([0] * 16)))
 
 
@@ -180,7 +177,11 @@ class FuseSession:
     ``max_write`` (bytes, >= 4096) and ``max_pages`` (1..65535, the kernel
     caps it at 256) are announced at INIT and bound the size of one
     READ/WRITE; ``init_flags``, when given, overrides what ``fs.init()``
-    would want (tests).
+    would want (tests).  ``ids`` translates uids/gids where they cross
+    (``--translate-uid``/``--translate-gid``): the caller of every request
+    that acts with credentials and SETATTR's new owner guest -> host, every
+    attribute in a reply host -> guest; when it is not the identity the C
+    fast path stays off (it answers GETATTR/LOOKUP with host ids).
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class FuseSession:
         max_pages: int = 256,
         init_flags: InitFlag | None = None,
         fast: FastPathSwitch | None = None,
+        ids: IdTranslation = IDENTITY,
     ) -> None:
         if max_write < 4096 or max_write > 0xFFFF_FFFF:
             raise ValueError(f"max_write {max_write} out of range")
@@ -200,6 +202,8 @@ class FuseSession:
         #: the C fast path serving this session's commonest requests, if any:
         #: on only between INIT and DESTROY/reset.
         self.fast = fast
+        self.ids = ids
+        self._translate = not ids.identity
         self.max_write = max_write
         self.max_pages = max_pages
         self.init_flags = init_flags
@@ -314,6 +318,30 @@ class FuseSession:
         """Payload bytes the writable part can take after the header."""
         return max(chain.writable_len - _OUT, 0)
 
+    # --- ids (--translate-uid / --translate-gid) -------------------------------
+
+    def _ctx(self, hdr: InHeader) -> RequestContext:
+        """The caller, in host ids (a forbidden guest id: EPERM)."""
+        if not self._translate:
+            return RequestContext(hdr.uid, hdr.gid, hdr.pid)
+        return RequestContext(self.ids.uid.to_host(hdr.uid), self.ids.gid.to_host(hdr.gid), hdr.pid)
+
+    def _guest_attr(self, attr: abi.Attr) -> abi.Attr:
+        return attr._replace(
+            uid=self.ids.uid.to_guest(attr.uid), gid=self.ids.gid.to_guest(attr.gid)
+        )
+
+    def _entry(self, entry: abi.EntryOut) -> abi.EntryOut:
+        """A reply's entry with the owner as the guest sees it."""
+        if not self._translate:
+            return entry
+        return entry._replace(attr=self._guest_attr(entry.attr))
+
+    def _attr(self, out: abi.AttrOut) -> abi.AttrOut:
+        if not self._translate:
+            return out
+        return out._replace(attr=self._guest_attr(out.attr))
+
     # --- session lifecycle ------------------------------------------------------
 
     @_op(Opcode.INIT)
@@ -360,7 +388,7 @@ class FuseSession:
             self.proto_minor = minor
             self.flags = flags
             self.initialized = True
-            if self.fast is not None:
+            if self.fast is not None and not self._translate:
                 self.fast.ready = True
         logger.info("FUSE session initialised: protocol 7.%d", minor)
         logger.debug(
@@ -442,13 +470,13 @@ class FuseSession:
 
     @_op(Opcode.LOOKUP)
     def _lookup(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        return self.fs.lookup(hdr.nodeid, _name(body)).encode()
+        return self._entry(self.fs.lookup(hdr.nodeid, _name(body))).encode()
 
     @_op(Opcode.GETATTR)
     def _getattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.GETATTR_IN.decode(body)
         fh = arg.fh if arg.getattr_flags & abi.GETATTR_FH else None
-        return self.fs.getattr(hdr.nodeid, fh).encode()
+        return self._attr(self.fs.getattr(hdr.nodeid, fh)).encode()
 
     @_op(Opcode.READLINK)
     def _readlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
@@ -457,7 +485,9 @@ class FuseSession:
     @_op(Opcode.OPEN)
     def _open(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.OPEN_IN.decode(body)
-        return abi.OPEN_OUT.encode(self.fs.open(hdr.nodeid, arg.flags, _ctx(hdr), arg.open_flags))
+        return abi.OPEN_OUT.encode(
+            self.fs.open(hdr.nodeid, arg.flags, self._ctx(hdr), arg.open_flags)
+        )
 
     @_op(Opcode.READ)
     def _read(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
@@ -501,7 +531,9 @@ class FuseSession:
         out = bytearray()
         for de, entry in self.fs.readdirplus(arg.fh, arg.offset, budget):
             # nodeid 0 for "." and "..": no entry, the kernel takes no reference
-            out += abi.encode_direntplus(entry or _NO_ENTRY, de.ino, de.off, de.dtype, de.name)
+            out += abi.encode_direntplus(
+                self._entry(entry) if entry else _NO_ENTRY, de.ino, de.off, de.dtype, de.name
+            )
         return bytes(out)
 
     @_op(Opcode.RELEASEDIR)
@@ -516,7 +548,7 @@ class FuseSession:
     @_op(Opcode.ACCESS)
     def _access(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         mask = abi.ACCESS_IN.decode(body).mask
-        self.fs.access(hdr.nodeid, mask, _ctx(hdr))
+        self.fs.access(hdr.nodeid, mask, self._ctx(hdr))
         return b""
 
     # --- modifying operations ---------------------------------------------------
@@ -524,53 +556,59 @@ class FuseSession:
     @_op(Opcode.SETATTR)
     def _setattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.SETATTR_IN.decode(body)
-        return self.fs.setattr(hdr.nodeid, arg, _ctx(hdr)).encode()
+        if self._translate and arg.valid & (abi.FATTR_UID | abi.FATTR_GID):
+            uid = self.ids.uid.to_host(arg.uid) if arg.valid & abi.FATTR_UID else arg.uid
+            gid = self.ids.gid.to_host(arg.gid) if arg.valid & abi.FATTR_GID else arg.gid
+            arg = arg._replace(uid=uid, gid=gid)
+        return self._attr(self.fs.setattr(hdr.nodeid, arg, self._ctx(hdr))).encode()
 
     @_op(Opcode.MKNOD)
     def _mknod(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.MKNOD_IN.decode(body)
         name = _name(body[abi.MKNOD_IN.size :])
-        return self.fs.mknod(hdr.nodeid, name, arg.mode, arg.rdev, _ctx(hdr)).encode()
+        return self._entry(
+            self.fs.mknod(hdr.nodeid, name, arg.mode, arg.rdev, self._ctx(hdr))
+        ).encode()
 
     @_op(Opcode.MKDIR)
     def _mkdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.MKDIR_IN.decode(body)
         name = _name(body[abi.MKDIR_IN.size :])
-        return self.fs.mkdir(hdr.nodeid, name, arg.mode, _ctx(hdr)).encode()
+        return self._entry(self.fs.mkdir(hdr.nodeid, name, arg.mode, self._ctx(hdr))).encode()
 
     @_op(Opcode.SYMLINK)
     def _symlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         name, target = _two_names(body)  # the new entry's name first, then the target
-        return self.fs.symlink(hdr.nodeid, name, target, _ctx(hdr)).encode()
+        return self._entry(self.fs.symlink(hdr.nodeid, name, target, self._ctx(hdr))).encode()
 
     @_op(Opcode.LINK)
     def _link(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.LINK_IN.decode(body)
         name = _name(body[abi.LINK_IN.size :])
-        return self.fs.link(arg.oldnodeid, hdr.nodeid, name, _ctx(hdr)).encode()
+        return self._entry(self.fs.link(arg.oldnodeid, hdr.nodeid, name, self._ctx(hdr))).encode()
 
     @_op(Opcode.UNLINK)
     def _unlink(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        self.fs.unlink(hdr.nodeid, _name(body), _ctx(hdr))
+        self.fs.unlink(hdr.nodeid, _name(body), self._ctx(hdr))
         return b""
 
     @_op(Opcode.RMDIR)
     def _rmdir(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        self.fs.rmdir(hdr.nodeid, _name(body), _ctx(hdr))
+        self.fs.rmdir(hdr.nodeid, _name(body), self._ctx(hdr))
         return b""
 
     @_op(Opcode.RENAME)
     def _rename(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.RENAME_IN.decode(body)
         old, new = _two_names(body[abi.RENAME_IN.size :])
-        self.fs.rename(hdr.nodeid, old, arg.newdir, new, 0, _ctx(hdr))
+        self.fs.rename(hdr.nodeid, old, arg.newdir, new, 0, self._ctx(hdr))
         return b""
 
     @_op(Opcode.RENAME2)
     def _rename2(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.RENAME2_IN.decode(body)
         old, new = _two_names(body[abi.RENAME2_IN.size :])
-        self.fs.rename(hdr.nodeid, old, arg.newdir, new, arg.flags, _ctx(hdr))
+        self.fs.rename(hdr.nodeid, old, arg.newdir, new, arg.flags, self._ctx(hdr))
         return b""
 
     @_op(Opcode.CREATE)
@@ -578,9 +616,9 @@ class FuseSession:
         arg = abi.CREATE_IN.decode(body)
         name = _name(body[abi.CREATE_IN.size :])
         entry, opened = self.fs.create(
-            hdr.nodeid, name, arg.flags, arg.mode, _ctx(hdr), arg.open_flags
+            hdr.nodeid, name, arg.flags, arg.mode, self._ctx(hdr), arg.open_flags
         )
-        return entry.encode() + abi.OPEN_OUT.encode(opened)
+        return self._entry(entry).encode() + abi.OPEN_OUT.encode(opened)
 
     @_op(Opcode.WRITE)
     def _write(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
@@ -594,7 +632,9 @@ class FuseSession:
         def source(fd: int, file_offset: int, length: int) -> int:
             return chain.pwritev(fd, file_offset, length, start)
 
-        written = self.fs.write(arg.fh, arg.offset, arg.size, arg.write_flags, source, _ctx(hdr))
+        written = self.fs.write(
+            arg.fh, arg.offset, arg.size, arg.write_flags, source, self._ctx(hdr)
+        )
         return abi.WRITE_OUT.encode(abi.WriteOut(written, 0))
 
     @_op(Opcode.FSYNC)
@@ -612,7 +652,7 @@ class FuseSession:
     @_op(Opcode.FALLOCATE)
     def _fallocate(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.FALLOCATE_IN.decode(body)
-        self.fs.fallocate(arg.fh, arg.offset, arg.length, arg.mode, _ctx(hdr))
+        self.fs.fallocate(arg.fh, arg.offset, arg.length, arg.mode, self._ctx(hdr))
         return b""
 
     @_op(Opcode.LSEEK)
@@ -625,7 +665,7 @@ class FuseSession:
     def _copy_file_range(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.COPY_FILE_RANGE_IN.decode(body)
         copied = self.fs.copy_file_range(
-            arg.fh_in, arg.off_in, arg.fh_out, arg.off_out, arg.len, arg.flags, _ctx(hdr)
+            arg.fh_in, arg.off_in, arg.fh_out, arg.off_out, arg.len, arg.flags, self._ctx(hdr)
         )
         return abi.WRITE_OUT.encode(abi.WriteOut(copied, 0))
 
@@ -645,7 +685,7 @@ class FuseSession:
             raise MalformedRequest("xattr name is not NUL-terminated")
         if len(value) != arg.size:
             raise MalformedRequest(f"xattr value of {len(value)} bytes, {arg.size} announced")
-        self.fs.setxattr(hdr.nodeid, name, value, arg.flags, _ctx(hdr))
+        self.fs.setxattr(hdr.nodeid, name, value, arg.flags, self._ctx(hdr))
         return b""
 
     @_op(Opcode.GETXATTR)
@@ -668,7 +708,7 @@ class FuseSession:
 
     @_op(Opcode.REMOVEXATTR)
     def _removexattr(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
-        self.fs.removexattr(hdr.nodeid, _name(body), _ctx(hdr))
+        self.fs.removexattr(hdr.nodeid, _name(body), self._ctx(hdr))
         return b""
 
     # --- locks --------------------------------------------------------------------
