@@ -52,6 +52,7 @@ from pyvirtiofsd.dma import (
     VirtQueue,
 )
 
+from .config import DEFAULT_THREAD_POOL_SIZE, MAX_REQUEST_QUEUES, MAX_THREAD_POOL_SIZE
 from .fuse import abi
 from .fuse.session import FuseSession
 from .vhost_user.backend import VhostUserDeviceBase, VringConfig
@@ -83,8 +84,6 @@ PROTOCOL_FEATURES = (
 )
 
 MAX_QUEUE_SIZE = 1024
-#: Python workers serving the requests the C fast path does not (--thread-pool-size).
-DEFAULT_THREAD_POOL_SIZE = 4
 #: Most requests blocked at once in a wait of their own (SETLKW); past it a
 #: wait occupies a pool worker.
 MAX_BLOCKING_WAITS = 64
@@ -124,10 +123,11 @@ class FsDevice(VhostUserDeviceBase):
         fast: FastPath | None = None,
         stats_file: Path | None = None,
     ) -> None:
-        if not 1 <= num_request_queues <= 255:
-            raise ValueError("num_request_queues must be 1..255")
-        if not 0 <= thread_pool_size <= 1024:
-            raise ValueError("thread_pool_size must be 0..1024")
+        # ServiceConfig checked these at start-up; this is the device's own guard
+        if not 1 <= num_request_queues <= MAX_REQUEST_QUEUES:
+            raise ValueError(f"num_request_queues must be 1..{MAX_REQUEST_QUEUES}")
+        if not 0 <= thread_pool_size <= MAX_THREAD_POOL_SIZE:
+            raise ValueError(f"thread_pool_size must be 0..{MAX_THREAD_POOL_SIZE}")
         self.session = session
         self.window = window
         self.memory = GuestMemory(window=window)

@@ -48,6 +48,7 @@ from typing import ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from .config import CachePolicy, FsConfig
 from .fuse.abi import (
     FATTR_ATIME,
     FATTR_FH,
@@ -62,7 +63,6 @@ from .fuse.abi import (
 )
 from .passthrough import oscalls
 from .passthrough.filesystem import PassthroughFs, RequestContext
-from .service import CACHE_TIMEOUTS
 
 __all__ = ["HostOperations", "build_parser", "is_mounted", "main", "mounted"]
 
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("mountpoint", metavar="MOUNTPOINT")
     ap.add_argument("--readonly", action="store_true", help="refuse every modification")
     ap.add_argument("--xattr", action="store_true", help="pass extended attributes through")
-    ap.add_argument("--cache", choices=sorted(CACHE_TIMEOUTS), default="auto")
+    ap.add_argument("--cache", choices=[*(p.value for p in CachePolicy), "none"], default="auto")
     ap.add_argument(
         "-f", "--foreground", action="store_true", help="stay in the foreground until unmounted"
     )
@@ -492,15 +492,15 @@ async def _serve(ready: list[int], detach: bool) -> None:
 
 
 def serve(args: argparse.Namespace, ready: list[int], *, detach: bool = False) -> int:
-    entry_timeout, attr_timeout = CACHE_TIMEOUTS[args.cache]
-    fs = PassthroughFs(
-        args.shared_dir,
-        entry_timeout=entry_timeout,
-        attr_timeout=attr_timeout,
+    # The same settings object the vhost-user device serves from (daemon/config.py).
+    config = FsConfig(
+        shared_dir=args.shared_dir,
+        cache=CachePolicy.parse(args.cache),
         readonly=args.readonly,
         xattr=args.xattr,
     )
-    ops = HostOperations(fs, direct_io=args.cache in ("never", "none"))
+    fs = PassthroughFs(config)
+    ops = HostOperations(fs, direct_io=config.direct_io)
     options = set(pyfuse3.default_options)  # default_permissions
     options |= {"fsname=pyvirtiofsd", "subtype=pyvirtiofsd"}
     if os.geteuid() == 0:

@@ -11,72 +11,29 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from pyvirtiofsd.dma import FastPath
 
-from .device import DEFAULT_THREAD_POOL_SIZE, FsDevice
+from .config import CachePolicy, FsConfig, ServiceConfig
+from .device import FsDevice
 from .fuse.session import FuseSession
 from .passthrough.filesystem import PassthroughFs
-from .passthrough.xattrmap import IDENTITY, XattrMap
+
+__all__ = ["CachePolicy", "FsConfig", "ServiceConfig", "make_device", "run_service"]
 
 log = logging.getLogger("pyvirtiofsd")
-
-#: --cache mode -> (entry timeout, attr timeout) in seconds, as virtiofsd.
-CACHE_TIMEOUTS = {
-    "never": (0.0, 0.0),
-    "none": (0.0, 0.0),
-    "auto": (1.0, 1.0),
-    "always": (86400.0, 86400.0),
-}
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    shared_dir: Path
-    cache: str = "auto"
-    readonly: bool = False
-    xattr: bool = False
-    writeback: bool = False
-    posix_locks: bool = False
-    flock: bool = False
-    allow_device_nodes: bool = False
-    allow_direct_io: bool = False
-    announce_submounts: bool = False
-    num_request_queues: int = 16
-    window: tuple[int, int] | None = None
-    keep_listening: bool = False
-    xattrmap: XattrMap = IDENTITY
-    thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE
-    stats_file: Path | None = None
 
 
 def make_device(config: ServiceConfig) -> FsDevice:
     """A fresh device (and filesystem session) for one front-end connection."""
-    entry_timeout, attr_timeout = CACHE_TIMEOUTS[config.cache]
-    fs = PassthroughFs(
-        config.shared_dir,
-        entry_timeout=entry_timeout,
-        attr_timeout=attr_timeout,
-        readonly=config.readonly,
-        xattr=config.xattr,
-        writeback=config.writeback,
-        posix_locks=config.posix_locks,
-        flock=config.flock,
-        allow_device_nodes=config.allow_device_nodes,
-        cache=config.cache,
-        allow_direct_io=config.allow_direct_io,
-        announce_submounts=config.announce_submounts,
-    )
-    fs.xattrmap = config.xattrmap
+    fs = PassthroughFs(config.fs)
     # The C fast path reads a mirror of the filesystem's tables; the session
     # turns it on at INIT, the device's queue runners serve from it.
     fast = FastPath()
     fs.attach_fast_path(fast)
-    session = FuseSession(fs, fast=fast)
+    session = FuseSession(fs, fast=fast, ids=config.fs.ids)
     return FsDevice(
         session,
         num_request_queues=config.num_request_queues,
@@ -116,10 +73,8 @@ async def run_service(listener: socket.socket, config: ServiceConfig) -> None:
             # "serving" once SIGTERM/SIGINT/SIGHUP end the service cleanly
             await nursery.start(_signals, nursery.cancel_scope)
             log.info(
-                "serving %s (cache=%s%s%s)",
-                config.shared_dir,
-                config.cache,
-                ", read-only" if config.readonly else "",
+                "serving %s%s",
+                config.fs.describe(),
                 f", swiotlb window {config.window[0]:#x}+{config.window[1]:#x}"
                 if config.window
                 else "",

@@ -45,13 +45,16 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from .. import config as config_mod
 from .. import procfs
 from ..fuse import abi
 from ..fuse import filesystem as fuse_fs
@@ -67,7 +70,7 @@ from ..fuse.abi import (
     SetattrIn,
 )
 from ..fuse.filesystem import DirBudget, DirEntry, ReadInto, RequestContext, WriteFrom
-from . import dirents, locks, oscalls
+from . import dirents, filehandles, locks, oscalls
 from . import xattrmap as xattrmap_mod
 from .inodes import (
     DirHandle,
@@ -273,50 +276,63 @@ class PassthroughFs:
     ``posix_locks``/``flock``: serve POSIX/flock locks as host locks (else
     the lock operations answer ENOSYS); ``lock_fds_per_inode`` and
     ``lock_fds`` cap the lock owners' fds (see :mod:`.locks`).
+    ``inode_file_handles``: ``never`` (every inode the guest knows holds an
+    O_PATH fd), ``prefer``/``mandatory`` (inodes are kept by file handle and
+    at most ``inode_fds`` of them hold an fd, default half the soft
+    RLIMIT_NOFILE; see :mod:`.filehandles`).
     """
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | config_mod.FsConfig,
         *,
-        entry_timeout: float = 1.0,
-        attr_timeout: float = 1.0,
-        readonly: bool = False,
-        xattr: bool = False,
-        writeback: bool = False,
-        allow_device_nodes: bool = False,
-        posix_locks: bool = False,
-        flock: bool = False,
         lock_fds_per_inode: int = locks.MAX_OWNER_FDS_PER_INODE,
         lock_fds: int = locks.MAX_OWNER_FDS,
         max_dir_handles: int = MAX_DIR_HANDLES,
-        cache: str = "auto",
-        allow_direct_io: bool = False,
-        announce_submounts: bool = False,
+        inode_fds: int | None = None,
+        **settings: Any,
     ) -> None:
-        self.announce_submounts = announce_submounts
-        if cache not in ("auto", "always", "never", "none"):
-            raise ValueError(f"unknown cache mode {cache!r}")
-        self.posix_locks = posix_locks
-        self.flock = flock
-        self.cache = "never" if cache == "none" else cache
-        self.allow_direct_io = allow_direct_io
-        self.entry_timeout = _split_timeout(entry_timeout)
-        self.attr_timeout = _split_timeout(attr_timeout)
-        self.readonly = readonly
-        self.xattr = xattr
-        self.writeback = writeback
-        self.allow_device_nodes = allow_device_nodes
+        """``root`` is an :class:`~pyvirtiofsd.daemon.config.FsConfig`, or the
+        share's path with that config's settings as keywords (tests, short)."""
+        if isinstance(root, config_mod.FsConfig):
+            if settings:
+                raise TypeError("give an FsConfig or settings, not both")
+            config = root
+        else:
+            config = config_mod.FsConfig(shared_dir=Path(root), **settings)
+        self.config = config
+        root = config.shared_dir
+        inode_file_handles = config.inode_file_handles
+        self.announce_submounts = config.announce_submounts
+        self.posix_locks = config.posix_locks
+        self.flock = config.flock
+        #: what the policy means for file data: never (DIRECT_IO), auto, always
+        self.cache = config.cache.data
+        self.allow_direct_io = config.allow_direct_io
+        self.entry_timeout = _split_timeout(config.entry_timeout_s)
+        self.attr_timeout = _split_timeout(config.attr_timeout_s)
+        self.readonly = config.readonly
+        self.xattr = config.xattr
+        self.xattrmap = config.xattrmap
+        self.writeback = config.writeback
+        self.allow_device_nodes = config.allow_device_nodes
         #: pid -> that caller's supplementary groups, where the pid is a host
         #: process (the host mount); a virtio guest's pids mean nothing here.
         self.caller_groups: Callable[[int], tuple[int, ...] | None] | None = None
+        self._device_refusals = 0
+        self._device_refusal_logged = float("-inf")
+        self._init_wanted = WANTED_INIT_FLAGS
+        if not config.serves_readdirplus:
+            self._init_wanted &= ~(InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO)
+        if not config.killpriv_v2:
+            self._init_wanted &= ~InitFlag.HANDLE_KILLPRIV_V2
         if max_dir_handles < 1:
             raise ValueError("max_dir_handles must be at least 1")
         self._dir_budget = _Budget(max_dir_handles)
         self.locks = locks.LockManager(
             self._reopen,
             fdinfo=self._fdinfo,
-            readonly=readonly,
+            readonly=config.readonly,
             per_inode=lock_fds_per_inode,
             total=lock_fds,
         )
@@ -326,12 +342,22 @@ class PassthroughFs:
         except BaseException:
             os.close(self._proc_fd)
             raise
-        self.inodes = InodeTable(root_fd, os.fstat(root_fd))
+        try:
+            handles = filehandles.probe(root_fd, inode_file_handles, self._reopen_dir)
+        except BaseException:
+            os.close(root_fd)
+            os.close(self._proc_fd)
+            raise
+        #: the mode in effect (``prefer`` falls back to ``never`` where unusable)
+        self.inode_file_handles = "never" if handles is None else handles.mode
+        if inode_fds is None:
+            inode_fds = max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+        self.inodes = InodeTable(root_fd, os.fstat(root_fd), handles=handles, max_fds=inode_fds)
         self.handles = HandleTable()
 
     def init(self, capable: InitFlag) -> InitFlag:
         """INIT: what this filesystem wants of what guest and session can do."""
-        wanted = WANTED_INIT_FLAGS
+        wanted = self._init_wanted  # less what the config turns off
         if self.writeback and not self.readonly:
             wanted |= InitFlag.WRITEBACK_CACHE
         if self.announce_submounts:
@@ -368,8 +394,17 @@ class PassthroughFs:
     # --- private helpers ----------------------------------------------------
 
     def _reopen(self, fd: int, flags: int) -> int:
-        """A real fd for the inode an O_PATH fd holds (via /proc/self/fd/N)."""
-        return os.open(str(fd), flags | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=self._proc_fd)
+        """A real fd for the inode an O_PATH fd holds (via /proc/self/fd/N).
+
+        EMFILE/ENFILE: cached inode fds are shed and it is tried once more."""
+        flags |= os.O_CLOEXEC | os.O_NOCTTY
+        return self.inodes.retry_fds(lambda: os.open(str(fd), flags, dir_fd=self._proc_fd))
+
+    def _reopen_dir(self, fd: int) -> int:
+        """A directory's O_PATH fd reopened O_RDONLY (a mount fd for file handles);
+        O_DIRECTORY: anything else is refused before it is opened."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOCTTY
+        return os.open(str(fd), flags, dir_fd=self._proc_fd)
 
     def _fdinfo(self, fd: int) -> bytes:
         """``/proc/self/fdinfo/N`` through the proc fd: the sandbox has no /proc path."""
@@ -439,7 +474,9 @@ class PassthroughFs:
 
     def _entry_for_fd(self, fd: int) -> EntryOut:
         """Count one lookup of the inode an open fd refers to (CREATE)."""
-        path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        path_fd = self.inodes.retry_fds(
+            lambda: os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        )
         try:
             st = os.fstat(path_fd)
         except BaseException:
@@ -466,7 +503,8 @@ class PassthroughFs:
 
     def _lookup_at(self, dir_fd: int, name: bytes) -> EntryOut:
         """Open ``name`` under ``dir_fd`` as O_PATH and count one lookup of it."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self.inodes.retry_fds(lambda: os.open(name, flags, dir_fd=dir_fd))
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -789,11 +827,29 @@ class PassthroughFs:
             device = decode_dev(rdev)
             whiteout = ftype == stat.S_IFCHR and device == 0
             if not (whiteout or self.allow_device_nodes):
-                raise _err(errno.EPERM)
+                self._refuse_device(name, ftype, device)
         with self.inodes.borrow(parent) as dir_inode:
             with self._as_creator(ctx):
                 os.mknod(name, ftype | (mode & 0o7777), device, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
+
+    def _refuse_device(self, name: bytes, ftype: int, device: int) -> None:
+        """EPERM for a device node, and a log line naming the option (at most
+        one a second: a tar of /dev would flood the log)."""
+        now = time.monotonic()
+        self._device_refusals += 1
+        if now - self._device_refusal_logged >= 1.0:
+            self._device_refusal_logged = now
+            logger.warning(
+                "MKNOD of %s device %d:%d %r refused with EPERM (%d so far): "
+                "the daemon runs without --allow-device-nodes",
+                "block" if ftype == stat.S_IFBLK else "character",
+                os.major(device),
+                os.minor(device),
+                name,
+                self._device_refusals,
+            )
+        raise _err(errno.EPERM)
 
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: RequestContext) -> EntryOut:
         self._check_writable()
@@ -1039,7 +1095,7 @@ class PassthroughFs:
 
     # --- extended attributes -----------------------------------------------------
 
-    #: Guest <-> host xattr names (``--xattrmap``); the service sets it.
+    #: Guest <-> host xattr names (``--xattrmap``), from the config.
     xattrmap: XattrMap = xattrmap_mod.IDENTITY
 
     def _check_xattr(self) -> None:
