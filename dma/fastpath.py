@@ -74,8 +74,12 @@ class FastPath:
         readonly: bool,
         switch_creds: bool,
         announce_submounts: bool,
+        python_writes: bool = False,
     ) -> None:
-        """Settings the in-place handlers apply (timeouts as (sec, nsec))."""
+        """Settings the in-place handlers apply (timeouts as (sec, nsec)).
+
+        ``python_writes``: leave every WRITE to Python (it must also drop a
+        remapped ``security.capability``, which C does not know of)."""
         st = ffi.new("struct pvd_fs_settings *")
         st.attr_valid = _u64("attr_valid", attr_valid[0])
         st.attr_valid_nsec = attr_valid[1]
@@ -84,6 +88,7 @@ class FastPath:
         st.readonly = int(readonly)
         st.switch_creds = int(switch_creds)
         st.announce_submounts = int(announce_submounts)
+        st.python_writes = int(python_writes)
         lib.pvd_fs_configure(self._fs, st)
 
     @property

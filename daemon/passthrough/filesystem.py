@@ -166,6 +166,7 @@ class FastPathMirror(FdMirror, Protocol):
         readonly: bool,
         switch_creds: bool,
         announce_submounts: bool,
+        python_writes: bool = False,
     ) -> None: ...
 
 
@@ -381,6 +382,7 @@ class PassthroughFs:
             readonly=self.readonly,
             switch_creds=oscalls.switching_enabled(),
             announce_submounts=self.announce_submounts,
+            python_writes=self.remapped_capability() is not None,
         )
         self.inodes.attach_mirror(fast)
         self.handles.attach_mirror(fast)
@@ -767,9 +769,14 @@ class PassthroughFs:
                     else:
                         flags = oscalls.AT_EMPTY_PATH | oscalls.AT_SYMLINK_NOFOLLOW
                         oscalls.fchownat(inode.fd, b"", uid, gid, flags)
+                if inode.mode == stat.S_IFREG:
+                    self._drop_remapped_capability(
+                        inode.fd if fd is None else fd, o_path=fd is None
+                    )
             if valid & abi.FATTR_SIZE:
                 with self._killing(ctx, kill):
                     self._truncate(inode, fd, arg.size)
+                self._drop_remapped_capability(inode.fd if fd is None else fd, o_path=fd is None)
             if valid & _FATTR_TIMES:
                 self._utimens(inode, fd, arg)
             st = os.fstat(inode.fd if fd is None else fd)
@@ -1021,12 +1028,10 @@ class PassthroughFs:
         if offset + size > abi.OFFSET_MAX + 1:
             raise _err(errno.EFBIG)
         kill = write_flags & abi.WRITE_KILL_SUIDGID
-        with (
-            self.handles.borrow(fh, FileHandle) as handle,
-            self._as_caller(ctx) if kill else nullcontext(),
-            self._kill_if(kill),
-        ):
-            return source(handle.fd, offset, size) if size else 0
+        with self.handles.borrow(fh, FileHandle) as handle:
+            self._drop_remapped_capability(handle.fd)
+            with self._as_caller(ctx) if kill else nullcontext(), self._kill_if(kill):
+                return source(handle.fd, offset, size) if size else 0
 
     def fsync(self, fh: int, datasync: bool, *, isdir: bool = False) -> None:
         kind: type[Handle] = DirHandle if isdir else FileHandle
@@ -1101,6 +1106,46 @@ class PassthroughFs:
     def _check_xattr(self) -> None:
         if not self.xattr:
             raise _err(errno.ENOSYS)
+
+    _capability_for: tuple[XattrMap, bytes | None] | None = None
+
+    def remapped_capability(self) -> bytes | None:
+        """The host name of the guest's ``security.capability`` when
+        ``--xattrmap`` moves it elsewhere (None: not moved, or not served).
+
+        CVE-2021-20263: the host kernel drops the real ``security.capability``
+        of a regular file on every write, truncate and chown (its killpriv),
+        but knows nothing of a remapped one; so the daemon removes that
+        itself (``_drop_remapped_capability``), as virtiofsd does.
+        """
+        cached = self._capability_for
+        if cached is not None and cached[0] is self.xattrmap:
+            return cached[1]
+        host: bytes | None = None
+        if self.xattr:
+            try:
+                host = self.xattrmap.to_host(b"security.capability")
+            except OSError:  # refused: the guest can never set it
+                host = None
+            if host == b"security.capability":
+                host = None
+        self._capability_for = (self.xattrmap, host)
+        return host
+
+    def _drop_remapped_capability(self, fd: int, *, o_path: bool = False) -> None:
+        """Remove the remapped capability xattr of ``fd``'s file (as the daemon)."""
+        host = self.remapped_capability()
+        if host is None:
+            return
+        try:
+            if o_path:
+                with procfs.in_proc_fd_dir(self._proc_fd):
+                    os.removexattr(str(fd), host)
+            else:
+                os.removexattr(fd, host)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
 
     def _host_xattr_name(self, name: bytes, *, getting: bool = False) -> bytes:
         host = self.xattrmap.to_host(validate_xattr_name(name), getting=getting)

@@ -216,6 +216,7 @@ struct pvd_fs_settings {
 	uint64_t attr_valid, entry_valid;
 	uint32_t attr_valid_nsec, entry_valid_nsec;
 	int readonly, switch_creds, announce_submounts;
+	int python_writes; /* every WRITE to Python (a remapped security.capability) */
 };
 
 struct pvd_fs *pvd_fs_new(void);

@@ -105,6 +105,7 @@ struct pvd_fs {
 	int readonly;
 	int switch_creds;
 	int announce_submounts;
+	int python_writes;
 	/* statistics */
 	atomic_uint_fast64_t served[4]; /* GETATTR, READ, WRITE, LOOKUP */
 	atomic_int busy, busy_max;
@@ -205,6 +206,7 @@ void pvd_fs_configure(struct pvd_fs *fs, const struct pvd_fs_settings *st)
 	fs->readonly = !!st->readonly;
 	fs->switch_creds = !!st->switch_creds;
 	fs->announce_submounts = !!st->announce_submounts;
+	fs->python_writes = !!st->python_writes;
 }
 
 void pvd_fs_set_ready(struct pvd_fs *fs, int ready)
@@ -707,7 +709,7 @@ static int fast_write(struct pvd_fs *fs, const struct pvd_req *r, const struct i
 {
 	uint8_t in[WRITE_IN_SIZE];
 	const uint64_t start = IN_HEADER_SIZE + WRITE_IN_SIZE;
-	if (fs->readonly || h->len < start || r->wlen < OUT_HEADER_SIZE + WRITE_OUT_SIZE)
+	if (fs->readonly || fs->python_writes || h->len < start || r->wlen < OUT_HEADER_SIZE + WRITE_OUT_SIZE)
 		return 0;
 	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
 	uint64_t fh = get64(in), offset = get64(in + 8);
