@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -667,21 +668,28 @@ def setup_logging(level: str, *, syslog: bool) -> None:
     problem: str | None = None
     if syslog:
         for address in SYSLOG_SOCKETS:
-            if not os.path.exists(address):
-                continue
             try:
-                handler = logging.handlers.SysLogHandler(
-                    address=address, facility=logging.handlers.SysLogHandler.LOG_USER
-                )
-                break
+                if not stat.S_ISSOCK(os.stat(address).st_mode):
+                    continue
+            except OSError:
+                continue
+            candidate = logging.handlers.SysLogHandler(
+                address=address, facility=logging.handlers.SysLogHandler.LOG_USER
+            )
+            try:
+                # connected now, or not at all: inside the sandbox the path is gone
+                candidate.socket.getpeername()  # type: ignore[attr-defined]  # not in typeshed
             except OSError as e:
+                candidate.close()
                 problem = f"{address}: {e.strerror}"
-        else:
-            problem = problem or f"none of {', '.join(SYSLOG_SOCKETS)} exists"
-        if handler is not None:
+                continue
+            handler = candidate
             handler.setFormatter(
                 logging.Formatter("pyvirtiofsd[%(process)d]: %(levelname)s %(name)s: %(message)s")
             )
+            break
+        else:
+            problem = problem or f"no socket at {', '.join(SYSLOG_SOCKETS)}"
     fell_back = syslog and handler is None
     if handler is None:
         handler = logging.StreamHandler()
