@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import socket
 import stat
 import struct
 import threading
@@ -20,15 +23,20 @@ from tests.support.fakechain import (
     FATTR_MODE,
     FATTR_SIZE,
     FATTR_UID,
+    GETATTR,
     LINK,
+    LISTXATTR,
     MKDIR,
     MKNOD,
     OPEN,
     OPEN_KILL_SUIDGID,
+    OPENDIR,
     RENAME,
     RENAME2,
     SETATTR,
+    SETXATTR,
     SYMLINK,
+    SYNCFS,
     UNLINK,
     WRITE,
     WRITE_KILL_SUIDGID,
@@ -420,3 +428,73 @@ def test_create_entry_for_other_user_counts_lookup(client: FuseClient) -> None:
     reply = client.call(CREATE, 1, create_body(b"f", os.O_RDWR | os.O_CREAT), uid=A, gid=A)
     entry = parse_entry(reply.payload)
     assert entry.attr[11] == A and client.session.fs.inodes.nlookup(entry.nodeid) == 1
+
+
+# --- special files are never opened on the host ------------------------------
+
+_IN_OPEN = 0x20
+
+
+def _opened_names(fd: int) -> list[str]:
+    names = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return names
+        off = 0
+        while off < len(data):
+            length = struct.unpack_from("iIII", data, off)[3]
+            name = data[off + 16 : off + 16 + length].rstrip(b"\0").decode()
+            if name:
+                names.append(name)
+            off += 16 + length
+
+
+def test_special_files_are_never_opened(root: Path) -> None:
+    """Every request that could reach a device node, FIFO or socket on the
+    host: the inotify IN_OPEN watch (O_PATH opens raise none) stays silent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = PassthroughFs(root, allow_device_nodes=True, xattr=True, posix_locks=True)
+    client = FuseClient(FuseSession(fs))
+    client.init()
+    null = os.makedev(1, 3)
+    assert client.call(MKNOD, 1, mknod_body(b"null", stat.S_IFCHR | 0o666, null)).ok
+    blk = 7 << 8  # new_encode_dev(7:0), as the guest sends it
+    assert client.call(MKNOD, 1, mknod_body(b"loop", stat.S_IFBLK | 0o660, blk)).ok
+    assert client.call(MKNOD, 1, mknod_body(b"fifo", stat.S_IFIFO | 0o666)).ok
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock"))
+    watch = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        assert libc.inotify_add_watch(watch, str(root).encode(), _IN_OPEN) >= 0
+        for name in (b"null", b"loop", b"fifo", b"sock"):
+            node = client.lookup(1, name).nodeid
+            for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR | os.O_TRUNC):
+                reply = client.call(OPEN, node, struct.pack("<II", flags, 0))
+                assert reply.error == -errno.ENXIO, (name, flags)
+            body = create_body(name, os.O_RDWR | os.O_CREAT)  # no O_EXCL: "open it"
+            assert client.call(CREATE, 1, body).error == -errno.ENXIO, name
+            body = setattr_body(FATTR_SIZE | FATTR_KILL_SUIDGID)
+            assert client.call(SETATTR, node, body, uid=A, gid=A).error == -errno.EINVAL, name
+            assert client.call(SETATTR, node, setattr_body(FATTR_MODE, mode=0o600)).ok
+            assert client.call(SETATTR, node, setattr_body(FATTR_UID, uid=A)).ok
+            assert client.call(GETATTR, node, bytes(16)).ok
+            assert client.call(OPENDIR, node, struct.pack("<II", 0, 0)).error == -errno.ENOTDIR
+            assert client.call(SYNCFS, node, bytes(8)).ok
+            assert client.call(SETXATTR, node, struct.pack("<II", 1, 0) + b"user.x\0v").error in (
+                0,
+                -errno.EPERM,  # user.* on a special file: the host says EPERM
+            )
+            assert client.call(LISTXATTR, node, struct.pack("<II", 0, 0)).ok
+            link = struct.pack("<Q", node) + name + b".l\0"
+            assert client.call(LINK, 1, link).ok, name
+            assert client.call(RENAME, 1, rename_body(1, name + b".l", name + b".m")).ok
+        opened = _opened_names(watch)
+    finally:
+        os.close(watch)
+        sock.close()
+        fs.close()
+    assert opened == [], f"special files opened on the host: {opened}"
+    st = os.lstat(root / "loop")
+    assert stat.S_ISBLK(st.st_mode) and os.major(st.st_rdev) == 7
