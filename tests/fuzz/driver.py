@@ -84,6 +84,7 @@ class LineCoverage:
             code = compile(Path(f).read_text(), f, "exec")
             self.executable[f] = self._lines(code)
         self.hit: dict[str, set[int]] = {f: set() for f in self.files}
+        self._real: dict[str, str | None] = {}
 
     @classmethod
     def _lines(cls, code: CodeType) -> set[int]:
@@ -94,14 +95,24 @@ class LineCoverage:
                 out |= cls._lines(c)
         return out
 
+    def _target(self, co_filename: str) -> str | None:
+        """The target a code object's file is (sanitize.sh imports through symlinks)."""
+        try:
+            return self._real[co_filename]
+        except KeyError:
+            real = os.path.realpath(co_filename)
+            self._real[co_filename] = real if real in self.files else None
+            return self._real[co_filename]
+
     def _local(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line":
-            self.hit[frame.f_code.co_filename].add(frame.f_lineno)
+            self.hit[self._real[frame.f_code.co_filename]].add(frame.f_lineno)  # type: ignore[index]
         return self._local
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename in self.files:
-            self.hit[frame.f_code.co_filename].add(frame.f_lineno)
+        target = self._target(frame.f_code.co_filename)
+        if target is not None:
+            self.hit[target].add(frame.f_lineno)
             return self._local
         return None
 
@@ -623,11 +634,12 @@ def _run(args: argparse.Namespace) -> int:
                 cov.start()  # type: ignore[union-attr]
             try:
                 done += h.batch(rng)
-            except Crash as e:
+            except Exception as e:  # a Crash, or anything the target let out
                 crashes += 1
                 CRASH_DIR.mkdir(parents=True, exist_ok=True)
                 out = CRASH_DIR / f"{h.name}-seed{args.seed}-{crashes}.txt"
-                out.write_text(f"{e}\n{e.data!r}\n{traceback.format_exc()}")
+                data = e.data if isinstance(e, Crash) else None
+                out.write_text(f"{e}\n{data!r}\n{traceback.format_exc()}")
                 print(f"CRASH: {e} (input in {out})", file=sys.stderr, flush=True)
                 done += 1
                 if crashes >= 10:
