@@ -124,10 +124,10 @@ class FileHandles:
                         os.close(mount_fd)
                     else:
                         self._mounts[mount_id] = mount_fd
-        except HandleUnsupported:
+        except OSError:
             if self.mode == "mandatory":
                 raise
-            return None
+            return None  # prefer: whatever the reason, the inode keeps its fd
         return mount_id, handle
 
     def open(self, mount_id: int, handle: bytes) -> int:
