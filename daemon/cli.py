@@ -874,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shared_dir: Path | None = None
     try:
-        limits.raise_nofile_limit(args.rlimit_nofile)
+        soft, _ = limits.raise_nofile_limit(args.rlimit_nofile)
         shared_dir = confine(args, config.shared_dir, listener, keep, pid_file)
         check_inode_file_handles(shared_dir, config.fs.inode_file_handles)
     except (OSError, ValueError, RuntimeError) as e:
@@ -887,8 +887,9 @@ def main(argv: list[str] | None = None) -> int:
             if pid_file is not None:
                 pid_file.remove()
         return 1
-    # Inside the sandbox the share has another path ("/"); nothing else changes.
-    config = config.replace(shared_dir=shared_dir)
+    # Inside the sandbox the share has another path ("/"); and the inode fd
+    # budget is half the limit just set (read now: seccomp allows no getrlimit).
+    config = config.replace(shared_dir=shared_dir, inode_fds=max(16, soft // 2))
 
     from .service import run_service
 

@@ -204,6 +204,10 @@ class ServiceConfig:
     thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE
     stats_file: Path | None = None
     keep_listening: bool = False
+    #: inode fds kept open at most (--inode-file-handles prefer/mandatory);
+    #: the CLI sets half the open-file limit it raised (getrlimit is not
+    #: in the seccomp allowlist); None: PassthroughFs reads the limit itself
+    inode_fds: int | None = None
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class ServiceConfig:
         thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE,
         stats_file: Path | None = None,
         keep_listening: bool = False,
+        inode_fds: int | None = None,
         **fs_settings: Any,
     ) -> None:
         unknown = set(fs_settings) - _FS_FIELDS
@@ -230,6 +235,7 @@ class ServiceConfig:
         set_(self, "thread_pool_size", thread_pool_size)
         set_(self, "stats_file", None if stats_file is None else Path(stats_file))
         set_(self, "keep_listening", keep_listening)
+        set_(self, "inode_fds", inode_fds)
         self._check()
 
     def _check(self) -> None:
@@ -244,6 +250,9 @@ class ServiceConfig:
             if size <= 0 or base < 0 or base + size > 1 << 64:
                 raise ConfigError(f"bad swiotlb window {base:#x}+{size:#x}")
         _flag(self.keep_listening, "keep_listening")
+        fds = self.inode_fds
+        if fds is not None and (isinstance(fds, bool) or not isinstance(fds, int) or fds < 1):
+            raise ConfigError(f"inode_fds must be at least 1, not {fds!r}")
 
     def replace(self, **changes: Any) -> ServiceConfig:
         """A copy with some settings changed (flat filesystem settings allowed)."""
@@ -256,6 +265,7 @@ class ServiceConfig:
             "thread_pool_size": self.thread_pool_size,
             "stats_file": self.stats_file,
             "keep_listening": self.keep_listening,
+            "inode_fds": self.inode_fds,
         }
         kw.update(own)
         return ServiceConfig(fs, **kw)

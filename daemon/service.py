@@ -28,7 +28,7 @@ log = logging.getLogger("pyvirtiofsd")
 
 def make_device(config: ServiceConfig) -> FsDevice:
     """A fresh device (and filesystem session) for one front-end connection."""
-    fs = PassthroughFs(config.fs)
+    fs = PassthroughFs(config.fs, inode_fds=config.inode_fds)
     # The C fast path reads a mirror of the filesystem's tables; the session
     # turns it on at INIT, the device's queue runners serve from it.
     fast = FastPath()
