@@ -17,7 +17,9 @@ Three DMA modes (:mod:`pyvirtiofsd.vm.swiotlb`): ``off`` (no bouncing, the
 reference), ``shared`` (``swiotlb=force``: the three devices share the one
 global pool) and ``per-device`` (each device its own window). The bounce
 memory is equal: the shared pool is sized (``swiotlb=<slabs>``) to the sum of
-the three windows (``virtio_swiotlb=<3 x window>``).
+the three windows (``virtio_swiotlb=<sum>``), a power of two because Linux
+rounds its pool up to one; the windows are whole 256 KiB segments, as equal as
+they go (64 MiB: 21.5 / 21.25 / 21.25 MiB).
 
 Parts (``--dma-parts``):
 
@@ -53,6 +55,7 @@ import os
 import platform
 import re
 import select
+import shlex
 import socket
 import statistics
 import sys
@@ -83,26 +86,39 @@ DATA_MIB = 32  # size of each fio file
 
 
 # -- bounce memory ------------------------------------------------------------
-def window_for(total: int, devices: int = len(DEVICES)) -> int:
-    """The per-device window when ``total`` bytes are split over ``devices``
-    (rounded down to a segment); the shared pool gets ``devices`` x that."""
-    w = total // devices // SEGMENT * SEGMENT
-    if w < SEGMENT:
+def windows_for(total: int) -> dict[str, int]:
+    """Split ``total`` bytes of bounce memory into one window per device:
+    whole segments, as equal as they go (the spare segments to share A, then B).
+
+    ``total`` must be a power of two: Linux 6.12 rounds the global pool up to
+    a power of two slots (``round_up_default_nslabs()``; with 2 CPUs it has 2
+    areas), so only then does the shared pool hold exactly the windows' sum.
+    """
+    if total <= 0 or total & (total - 1) or total % SEGMENT:
+        raise ValueError(
+            f"{total} bytes of bounce memory: want a power of two of at least "
+            f"{len(DEVICES) * SEGMENT >> 10} KiB (the guest rounds its shared pool "
+            "up to a power of two, and each window is whole 256 KiB segments)"
+        )
+    segs = total // SEGMENT
+    if segs < len(DEVICES):
         raise ValueError(
             f"{total} bytes of bounce memory is less than one {SEGMENT >> 10} KiB "
-            f"segment per device ({devices} devices)"
+            f"segment per device ({len(DEVICES)} devices)"
         )
-    return w
+    base, spare = divmod(segs, len(DEVICES))
+    return {d: (base + (i < spare)) * SEGMENT for i, d in enumerate(DEVICES)}
 
 
-def bounce_kernel_args(mode: str, window: int, devices: int = len(DEVICES)) -> tuple[str, ...]:
-    """Kernel arguments sizing ``mode``'s bounce memory to ``devices`` windows.
+def bounce_kernel_args(mode: str, total: int) -> tuple[str, ...]:
+    """Kernel arguments sizing ``mode``'s bounce memory to ``total`` bytes.
 
     They come after the mode's own (``swiotlb=force``, ``virtio_swiotlb=64M``):
     a second ``swiotlb=<slabs>`` sets the pool's size and keeps ``force``, a
-    second ``virtio_swiotlb=`` replaces the range's size.
+    second ``virtio_swiotlb=`` replaces the range's size (the range then holds
+    exactly the windows).
     """
-    total = devices * window
+    windows_for(total)  # checked
     if mode == "off":
         return ()
     if mode == "shared":
@@ -112,17 +128,33 @@ def bounce_kernel_args(mode: str, window: int, devices: int = len(DEVICES)) -> t
     raise ValueError(f"unknown DMA mode {mode!r}; choose from {', '.join(MODES)}")
 
 
-def shrink_sizes(start: int, floor: int = len(DEVICES) * SEGMENT) -> list[int]:
-    """Total bounce sizes from ``start`` halving down to ``floor``, each a whole
-    number of segments per device, no size twice."""
-    sizes: list[int] = []
-    total = start
+#: The smallest total: 4 segments (share A 512 KiB, B and the NIC 256 KiB each).
+FLOOR = 1 << 20
+
+
+def shrink_sizes(start: int, floor: int = FLOOR) -> list[int]:
+    """Total bounce sizes from ``start`` (rounded down to a power of two)
+    halving down to ``floor``."""
+    if start < floor:
+        return []
+    total = 1 << (start.bit_length() - 1)
+    sizes = []
     while total >= floor:
-        size = len(DEVICES) * window_for(total)
-        if not sizes or size < sizes[-1]:
-            sizes.append(size)
+        sizes.append(total)
         total //= 2
     return sizes
+
+
+def mib_to_total(mib: float) -> int:
+    """``--dma-*-mib`` values as bytes, checked (ValueError)."""
+    total = int(mib * MIB)
+    windows_for(total)
+    return total
+
+
+def _windows_text(total: int) -> str:
+    w = windows_for(total)
+    return " / ".join(f"{d.upper() if d != 'net' else 'NIC'} {w[d] / MIB:g}" for d in DEVICES)
 
 
 # -- what the guest reports -----------------------------------------------------
@@ -380,10 +412,10 @@ def shrink_table(records: Sequence[Mapping[str, Any]], modes: Sequence[str] = BO
     """One line per size: per mode its verdict, aggregate, "buffer is full" count
     and I/O errors; then where each mode degraded and failed."""
     sizes = sorted({int(r["total_bytes"]) for r in records}, reverse=True)
-    head = ["bounce total", "window"] + [f"{m}" for m in modes]
+    head = ["bounce total", "windows (MiB)", *modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
-        cells = [_mib(size), _mib(window_for(size))]
+        cells = [_mib(size), _windows_text(size)]
         for m in modes:
             rs = [r for r in records if r["mode"] == m and int(r["total_bytes"]) == size]
             if not rs:
@@ -576,7 +608,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
 
 
 #: ``--dma-quick``: what one of the suite's own runs on a busy 2-core machine uses.
-QUICK = {"dma_duration": 8.0, "dma_rounds": 1, "dma_shrink_mib": [3.0, 1.5, 0.75]}
+QUICK: dict[str, Any] = {"dma_duration": 8.0, "dma_rounds": 1, "dma_shrink_mib": [4.0, 2.0, 1.0]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,18 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dma-rounds", type=_positive(int), default=3,
                    help="rounds of the contention and queues parts, modes interleaved "
                    "(default 3)")  # fmt: skip
-    g.add_argument("--dma-bounce-mib", type=_positive(float), default=48.0,
-                   help="total bounce memory of the contention part, split into 3 "
-                   "equal windows / one shared pool of the same size (default 48)")  # fmt: skip
+    g.add_argument("--dma-bounce-mib", type=_positive(float), default=64.0,
+                   help="total bounce memory of the contention part, a power of two: "
+                   "3 windows (whole segments, near equal) or one shared pool of the "
+                   "same size (default 64, Linux's default pool)")  # fmt: skip
     g.add_argument("--dma-shrink-mib", type=_mib_list, default=None,
-                   help="the shrink part's sizes (default: halving from --dma-bounce-mib "
-                   "down to 3 segments)")  # fmt: skip
+                   help="the shrink part's sizes, powers of two (default: halving from "
+                   "half of --dma-bounce-mib down to 1 MiB)")  # fmt: skip
     g.add_argument("--dma-shrink-until", choices=("shared", "both"), default="shared",
                    help="stop shrinking once the shared mode failed (default) or both")  # fmt: skip
     g.add_argument("--dma-accel", default="auto")
+    g.add_argument("--dma-daemon-args", type=shlex.split, default=[], metavar="ARGS",
+                   help="extra pyvirtiofsd arguments for every share, e.g. "
+                   "'--thread-pool-size 2'")  # fmt: skip
     g.add_argument("--dma-quick", action="store_true",
-                   help="a short run: " + ", ".join(f"--{k.replace('_', '-')} {v}"
-                                                    for k, v in QUICK.items()))  # fmt: skip
+                   help="a short run: --dma-duration 8 --dma-rounds 1 "
+                   "--dma-shrink-mib 4,2,1")  # fmt: skip
     return ap
 
 
@@ -615,10 +651,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         for k, v in QUICK.items():
             setattr(args, k, v)
     try:
-        window_for(int(args.dma_bounce_mib * MIB))
+        mib_to_total(args.dma_bounce_mib)
         if args.dma_shrink_mib is not None:
             for s in args.dma_shrink_mib:
-                window_for(int(s * MIB))
+                mib_to_total(s)
     except ValueError as e:
         raise SystemExit(f"dma suite: {e}") from e
     return args
@@ -698,7 +734,7 @@ def _prepare(d: Path, names: Sequence[str], mib: int = DATA_MIB) -> None:
 
 
 def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
-                 name: str) -> dict[str, Any]:  # fmt: skip
+                 name: str, daemon_args: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
     """One guest in ``mode`` with ``total`` bytes of bounce memory, the three
     devices loaded for ``duration`` s; returns the run's record."""
     from pyvirtiofsd.vm import debian
@@ -707,12 +743,13 @@ def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
     from pyvirtiofsd.vm.shares import Share
     from pyvirtiofsd.vm.swiotlb import bdf
 
-    window = window_for(total)
-    rec: dict[str, Any] = {"mode": mode, "total_bytes": len(DEVICES) * window,
-                           "window_bytes": window, "duration_s": duration}  # fmt: skip
+    windows = windows_for(total)
+    rec: dict[str, Any] = {"mode": mode, "total_bytes": total, "window_bytes": windows,
+                           "duration_s": duration}  # fmt: skip
     _prepare(work / "a", ["stream-r.bin", "stream-w.bin"])
     _prepare(work / "b", ["rand.bin"])
-    shares = {t: Share(work / t, t, backend="pyvirtiofsd", addr=SLOTS[t]) for t in ("a", "b")}
+    shares = {t: Share(work / t, t, backend="pyvirtiofsd", addr=SLOTS[t],
+                       daemon_args=tuple(daemon_args)) for t in ("a", "b")}  # fmt: skip
     peer = LoopbackPeer()
     qemu_args = ["-netdev", peer.netdev()]
     if mode != "per-device":
@@ -726,7 +763,7 @@ def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
         accel=accel,
         debian=True,
         dma_mode=mode,
-        kernel_args=bounce_kernel_args(mode, window),
+        kernel_args=bounce_kernel_args(mode, total),
         extra_qemu_args=tuple(qemu_args),
     )
     started = time.monotonic()
@@ -735,9 +772,9 @@ def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
             rec["boot_s"] = vm.boot_seconds
             if mode == "per-device":
                 for i, t in enumerate(("a", "b")):
-                    vm.attach_share_window(shares[t], f"fs{i}", SLOTS[t], size=window)
+                    vm.attach_share_window(shares[t], f"fs{i}", SLOTS[t], size=windows[t])
                     vm.agent.run(debian.bind_share_script(t), check=True)
-                vm.attach_net_window("net0", SLOTS["net"], "n0", size=window)
+                vm.attach_net_window("net0", SLOTS["net"], "n0", size=windows["net"])
             nic_bdf = bdf(SLOTS["net"])
             iface = vm.agent.run(f"ls /sys/bus/pci/devices/{nic_bdf}/virtio*/net/",
                                  check=True).text.split()[0]  # fmt: skip
@@ -748,8 +785,13 @@ def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
                 pools = {"global": DBG}
             if mode == "off":
                 pools = {}
-            for d in pools.values():
-                vm.agent.run(f"echo 0 > {d}/io_tlb_used_hiwater", check=True)
+            # The mark is reset to 0 and rises only when a mapping is made, so
+            # the slots held at rest (vrings, the NIC's posted receive buffers)
+            # are read first: high-water = max(mark, resting use).
+            resting = {}
+            for pool, path in pools.items():
+                resting[pool] = int(vm.agent.read_file(f"{path}/io_tlb_used").decode())
+                vm.agent.run(f"echo 0 > {path}/io_tlb_used_hiwater", check=True)
             vm.agent.run("dmesg -c > /dev/null", check=True)
             d = f"{duration:g}"
             fio_a = _fio_cmd(
@@ -800,11 +842,10 @@ def run_scenario(mode: str, total: int, duration: float, work: Path, accel: str,
             rec["errors"] = {"a": sum(j.errors for j in jobs["a"]) + (ea != 0),
                              "b": b.errors + (eb != 0)}  # fmt: skip
             rec["full"] = count_full(vm.agent.run("dmesg", check=True).text)
-            rec["hiwater"], rec["nslabs"] = {}, {}
+            rec["hiwater"], rec["nslabs"], rec["resting"] = {}, {}, resting
             for pool, path in pools.items():
-                rec["hiwater"][pool] = int(
-                    vm.agent.read_file(f"{path}/io_tlb_used_hiwater").decode()
-                )
+                mark = int(vm.agent.read_file(f"{path}/io_tlb_used_hiwater").decode())
+                rec["hiwater"][pool] = max(mark, resting[pool])
                 rec["nslabs"][pool] = int(vm.agent.read_file(f"{path}/io_tlb_nslabs").decode())
     except (VmError, RuntimeError, OSError, ValueError) as e:
         rec["failure"] = f"{type(e).__name__}: {e}"
@@ -825,12 +866,13 @@ def _queue_requests(stats_file: Path) -> dict[int, int]:
 def queue_delta(before: Mapping[int, int], after: Mapping[int, int]) -> dict[str, int]:
     """Requests each queue served between two stats snapshots (JSON keys:
     the queue index as text; 0 is hiprio). The file lags by at most its
-    0.2 s rewrite period."""
-    return {str(q): n - before.get(q, 0) for q, n in sorted(after.items())}
+    0.2 s rewrite period. Queues that never served a request are left out
+    (the stats file lists every queue the daemon offers)."""
+    return {str(q): n - before.get(q, 0) for q, n in sorted(after.items()) if n}
 
 
-def run_queues(queues: int, duration: float, work: Path, accel: str, rnd: int
-               ) -> list[dict[str, Any]]:  # fmt: skip
+def run_queues(queues: int, duration: float, work: Path, accel: str, rnd: int,
+               daemon_args: Sequence[str] = ()) -> list[dict[str, Any]]:  # fmt: skip
     """One guest, one share over ``queues`` request queues: fio 4k randread,
     then randwrite, 4 jobs; one record per workload, with the requests each
     queue served during it (the daemon's stats file before and after)."""
@@ -843,7 +885,7 @@ def run_queues(queues: int, duration: float, work: Path, accel: str, rnd: int
     _prepare(work / "q", names, 16)
     stats = work / f"q{queues}-stats.json"
     share = Share(work / "q", "q", backend="pyvirtiofsd", num_request_queues=queues,
-                  daemon_args=("--stats-file", str(stats)))  # fmt: skip
+                  daemon_args=(*daemon_args, "--stats-file", str(stats)))  # fmt: skip
     cfg = MachineConfig(shares=[share], cpus=2, accel=accel, debian=True)
     recs: list[dict[str, Any]] = []
     base = {"queues": queues, "round": rnd, "duration_s": duration}
@@ -888,7 +930,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "dma-data"
     started = time.monotonic()
-    total = len(DEVICES) * window_for(int(args.dma_bounce_mib * MIB))
+    total = mib_to_total(args.dma_bounce_mib)
     result: dict[str, Any] = {"suite": "dma", "contention": [], "shrink": [], "queues": []}
     n = 0
 
@@ -896,7 +938,8 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
         nonlocal n
         n += 1
         _log(f"{mode}, {size / MIB:g} MiB bounce, round {rnd} ...")
-        rec = run_scenario(mode, size, args.dma_duration, work, args.dma_accel, f"{n}-{mode}")
+        rec = run_scenario(mode, size, args.dma_duration, work, args.dma_accel, f"{n}-{mode}",
+                           args.dma_daemon_args)  # fmt: skip
         rec["round"] = rnd
         _log(f"  {mode}: {_summary(rec)} ({rec['wall_s']:.0f} s)")
         return rec
@@ -908,8 +951,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
                 result["contention"].append(scenario(mode, total, rnd))
     if "shrink" in args.dma_parts:
         if args.dma_shrink_mib is not None:
-            sizes = sorted({len(DEVICES) * window_for(int(s * MIB)) for s in args.dma_shrink_mib},
-                           reverse=True)  # fmt: skip
+            sizes = sorted({mib_to_total(s) for s in args.dma_shrink_mib}, reverse=True)
         else:
             sizes = shrink_sizes(total // 2)
         refs = {}
@@ -925,7 +967,8 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
         for rnd in range(args.dma_rounds):
             for q in (1, 2) if rnd % 2 == 0 else (2, 1):
                 _log(f"queues {q}, round {rnd} ...")
-                recs = run_queues(q, args.dma_duration, work, args.dma_accel, rnd)
+                recs = run_queues(q, args.dma_duration, work, args.dma_accel, rnd,
+                                  args.dma_daemon_args)  # fmt: skip
                 _log("  " + "; ".join(f"{r['workload']} {r.get('iops', 0):.0f} IOPS "
                                       f"{r.get('failure', '')}" for r in recs))  # fmt: skip
                 result["queues"] += recs
@@ -938,7 +981,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
     text = [head]
     if result["contention"]:
         text += [f"\n## Three devices at once, {total / MIB:g} MiB of bounce memory "
-                 f"({window_for(total) / MIB:g} MiB per window, or one pool of "
+                 f"(windows {_windows_text(total)} MiB, or one pool of "
                  f"{total / MIB:g} MiB)\n\n", contention_table(result["contention"])]  # fmt: skip
     if result["shrink"]:
         text += ["\n## Shrinking the bounce memory\n\n", shrink_table(result["shrink"])]

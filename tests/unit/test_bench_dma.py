@@ -20,36 +20,40 @@ KIB = 1 << 10
 
 
 # -- bounce memory ---------------------------------------------------------------
-def test_window_is_a_third_rounded_down_to_a_segment() -> None:
-    assert dma.window_for(48 * MIB) == 16 * MIB
-    assert dma.window_for(3 * MIB) == MIB
-    # 1.5 MiB / 3 = 512 KiB; 1 MiB / 3 = 341 KiB -> 256 KiB
-    assert dma.window_for(3 * MIB // 2) == 512 * KIB
-    assert dma.window_for(MIB) == 256 * KIB
-    with pytest.raises(ValueError, match="less than one 256 KiB segment"):
-        dma.window_for(700 * KIB)
+def test_windows_are_whole_segments_summing_to_the_total() -> None:
+    seg = 256 * KIB
+    assert dma.windows_for(64 * MIB) == {"a": 86 * seg, "b": 85 * seg, "net": 85 * seg}
+    assert dma.windows_for(2 * MIB) == {"a": 3 * seg, "b": 3 * seg, "net": 2 * seg}
+    assert dma.windows_for(MIB) == {"a": 2 * seg, "b": seg, "net": seg}
+    for total in (MIB, 4 * MIB, 64 * MIB, 1 << 30):
+        assert sum(dma.windows_for(total).values()) == total
+    # not a power of two: the guest would round the shared pool up, unequal memory
+    for bad in (48 * MIB, 3 * MIB, 0, -MIB):
+        with pytest.raises(ValueError, match="power of two"):
+            dma.windows_for(bad)
+    with pytest.raises(ValueError, match="less than one 256 KiB segment per device"):
+        dma.windows_for(512 * KIB)
 
 
-@pytest.mark.parametrize("window", [256 * KIB, MIB, 16 * MIB])
-def test_shared_pool_and_windows_hold_the_same_bounce_memory(window: int) -> None:
-    (shared,) = dma.bounce_kernel_args("shared", window)
-    (per_device,) = dma.bounce_kernel_args("per-device", window)
+@pytest.mark.parametrize("total", [MIB, 4 * MIB, 64 * MIB])
+def test_shared_pool_and_windows_hold_the_same_bounce_memory(total: int) -> None:
+    (shared,) = dma.bounce_kernel_args("shared", total)
+    (per_device,) = dma.bounce_kernel_args("per-device", total)
     slabs = int(shared.removeprefix("swiotlb="))
-    assert slabs * 2048 == 3 * window
-    assert slabs % 128 == 0  # whole segments: the kernel would round otherwise
-    assert int(per_device.removeprefix("virtio_swiotlb=")) == 3 * window
-    assert dma.bounce_kernel_args("off", window) == ()
+    assert slabs * 2048 == total == sum(dma.windows_for(total).values())
+    assert slabs & (slabs - 1) == 0  # a power of two: the kernel keeps it as it is
+    assert int(per_device.removeprefix("virtio_swiotlb=")) == total
+    assert dma.bounce_kernel_args("off", total) == ()
     with pytest.raises(ValueError, match="unknown DMA mode"):
-        dma.bounce_kernel_args("dedicated", window)
+        dma.bounce_kernel_args("dedicated", total)
+    with pytest.raises(ValueError, match="power of two"):
+        dma.bounce_kernel_args("shared", 3 * MIB)
 
 
-def test_shrink_sizes_halve_down_to_three_segments_without_repeats() -> None:
-    assert dma.shrink_sizes(24 * MIB) == [
-        24 * MIB, 12 * MIB, 6 * MIB, 3 * MIB, 3 * MIB // 2, 3 * 256 * KIB,
-    ]  # fmt: skip
-    # 2 MiB -> 1.5 MiB (3 x 512 K), 1 MiB -> 768 K (3 x 256 K), then the floor
-    assert dma.shrink_sizes(2 * MIB) == [3 * 512 * KIB, 3 * 256 * KIB]
-    assert dma.shrink_sizes(700 * KIB) == []
+def test_shrink_sizes_halve_powers_of_two_down_to_1_mib() -> None:
+    assert dma.shrink_sizes(32 * MIB) == [32 * MIB, 16 * MIB, 8 * MIB, 4 * MIB, 2 * MIB, MIB]
+    assert dma.shrink_sizes(3 * MIB) == [2 * MIB, MIB]  # rounded down to a power of two
+    assert dma.shrink_sizes(512 * KIB) == []
 
 
 # -- what the guest reports ------------------------------------------------------
@@ -110,7 +114,7 @@ def test_queue_delta_between_stats_snapshots(tmp_path: Path) -> None:
                                                   "2": {"requests": 4}}}))  # fmt: skip
     before = dma._queue_requests(f)
     assert before == {0: 3, 1: 10, 2: 4}
-    assert dma.queue_delta(before, {0: 3, 1: 110, 2: 54}) == {"0": 0, "1": 100, "2": 50}
+    assert dma.queue_delta(before, {0: 3, 1: 110, 2: 54, 3: 0}) == {"0": 0, "1": 100, "2": 50}
     assert dma.request_shares([{"0": 0, "1": 100, "2": 50}, {"0": 9, "1": 50, "2": 50}]) == (
         "q1 58%, q2 42%"
     )
@@ -118,7 +122,7 @@ def test_queue_delta_between_stats_snapshots(tmp_path: Path) -> None:
 
 
 # -- verdicts and the shrink search ------------------------------------------------
-def rec(mode: str = "shared", size: int = 48 * MIB, *, a: float = 10.0, b: float = 1.0,
+def rec(mode: str = "shared", size: int = 64 * MIB, *, a: float = 10.0, b: float = 1.0,
         net: float = 5.0, full: int = 0, errors: int = 0, enqueue: int = 0,
         failure: str | None = None, **kw: Any) -> dict[str, Any]:  # fmt: skip
     r: dict[str, Any] = {
@@ -145,7 +149,7 @@ def test_verdict_fail_degraded_ok() -> None:
 
 
 class FakeGuest:
-    """shared fails from 3 MiB down, degrades at 6 MiB; per-device fails below 1 MiB."""
+    """shared fails from 4 MiB down, degrades at 8 MiB; per-device fails below 2 MiB."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
@@ -153,17 +157,17 @@ class FakeGuest:
     def __call__(self, mode: str, size: int) -> dict[str, Any]:
         self.calls.append((mode, size))
         if mode == "shared":
-            if size <= 3 * MIB:
+            if size <= 4 * MIB:
                 return rec(mode, size, errors=5, full=30)
-            if size <= 6 * MIB:
+            if size <= 8 * MIB:
                 return rec(mode, size, full=2)
             return rec(mode, size)
-        if size < MIB:
+        if size < 2 * MIB:
             return rec(mode, size, enqueue=4)
         return rec(mode, size, a=9.0)
 
 
-SIZES = [24 * MIB, 12 * MIB, 6 * MIB, 3 * MIB, 3 * MIB // 2, 768 * KIB]
+SIZES = [32 * MIB, 16 * MIB, 8 * MIB, 4 * MIB, 2 * MIB, MIB]
 
 
 def test_shrink_stops_after_the_size_where_shared_failed() -> None:
@@ -171,31 +175,31 @@ def test_shrink_stops_after_the_size_where_shared_failed() -> None:
     recs = dma.shrink_search(list(reversed(SIZES)), guest)  # any order: largest first
     sizes_run = [s for _, s in guest.calls]
     assert sizes_run == sorted(sizes_run, reverse=True)
-    assert set(sizes_run) == {24 * MIB, 12 * MIB, 6 * MIB, 3 * MIB}
+    assert set(sizes_run) == {32 * MIB, 16 * MIB, 8 * MIB, 4 * MIB}
     # both modes at every size, the order rotated from size to size
-    assert guest.calls[:4] == [("shared", 24 * MIB), ("per-device", 24 * MIB),
-                               ("per-device", 12 * MIB), ("shared", 12 * MIB)]  # fmt: skip
+    assert guest.calls[:4] == [("shared", 32 * MIB), ("per-device", 32 * MIB),
+                               ("per-device", 16 * MIB), ("shared", 16 * MIB)]  # fmt: skip
     assert [r["verdict"] for r in recs if r["mode"] == "shared"] == ["ok", "ok", "degraded", "fail"]
     b = dma.breakpoints(recs)
-    assert b["shared"] == {"degrades": 6 * MIB, "fails": 3 * MIB, "smallest": 3 * MIB}
-    assert b["per-device"] == {"degrades": None, "fails": None, "smallest": 3 * MIB}
+    assert b["shared"] == {"degrades": 8 * MIB, "fails": 4 * MIB, "smallest": 4 * MIB}
+    assert b["per-device"] == {"degrades": None, "fails": None, "smallest": 4 * MIB}
 
 
 def test_shrink_until_both_runs_only_the_survivor_after_shared_failed() -> None:
     guest = FakeGuest()
     recs = dma.shrink_search(SIZES, guest, until="both")
-    after = [c for c in guest.calls if c[1] < 3 * MIB]
-    assert after == [("per-device", 3 * MIB // 2), ("per-device", 768 * KIB)]
+    after = [c for c in guest.calls if c[1] < 4 * MIB]
+    assert after == [("per-device", 2 * MIB), ("per-device", MIB)]
     b = dma.breakpoints(recs)
-    assert b["per-device"] == {"degrades": 768 * KIB, "fails": 768 * KIB, "smallest": 768 * KIB}
-    assert b["shared"]["fails"] == 3 * MIB
+    assert b["per-device"] == {"degrades": MIB, "fails": MIB, "smallest": MIB}
+    assert b["shared"]["fails"] == 4 * MIB
     with pytest.raises(ValueError, match="until"):
         dma.shrink_search(SIZES, guest, until="off")
 
 
 def test_shrink_reference_is_the_contention_runs_aggregate() -> None:
     # per-device gives 9 + 1 + 5 = 15 MiB/s; against a reference of 20 that is 0.75: degraded
-    recs = dma.shrink_search([24 * MIB], FakeGuest(), references={"per-device": 20.0})
+    recs = dma.shrink_search([32 * MIB], FakeGuest(), references={"per-device": 20.0})
     assert {r["mode"]: r["verdict"] for r in recs} == {"shared": "ok", "per-device": "degraded"}
 
 
@@ -234,10 +238,10 @@ def test_contention_table_medians_ranges_and_ratios() -> None:
 def test_shrink_and_queues_tables() -> None:
     recs = dma.shrink_search(SIZES, FakeGuest(), until="both")
     table = dma.shrink_table(recs)
-    assert "| 3 MiB | 1 MiB | **fail**: 16.0 MiB/s, full 30, errors 5" in table
-    assert "| 768 MiB" not in table and "| 0.75 MiB | 0.25 MiB | (not run) | **fail**" in table
-    assert "- shared: degrades at 6 MiB, fails at 3 MiB (smallest run: 3 MiB)" in table
-    assert "- per-device: degrades at 0.75 MiB, fails at 0.75 MiB" in table
+    assert "| 4 MiB | A 1.5 / B 1.25 / NIC 1.25 | **fail**: 16.0 MiB/s, full 30, errors 5" in table
+    assert "| 1 MiB | A 0.5 / B 0.25 / NIC 0.25 | (not run) | **fail**" in table
+    assert "- shared: degrades at 8 MiB, fails at 4 MiB (smallest run: 4 MiB)" in table
+    assert "- per-device: degrades at 1 MiB, fails at 1 MiB (smallest run: 1 MiB)" in table
     queues = [
         {"workload": "randread", "queues": 1, "round": 0, "iops": 1000.0, "queue_counts": {}},
         {"workload": "randread", "queues": 2, "round": 0, "iops": 1500.0,
@@ -277,8 +281,8 @@ def test_arguments_defaults_quick_and_refusals(capsys: pytest.CaptureFixture[str
     assert args.dma_shrink_mib is None
     quick = parse("--dma-quick", "--dma-parts", "shrink,queues")
     assert (quick.dma_rounds, quick.dma_duration) == (1, 8.0)
-    assert quick.dma_shrink_mib == [3.0, 1.5, 0.75] and quick.dma_parts == ["shrink", "queues"]
-    assert parse("--dma-shrink-mib", "6,1.5").dma_shrink_mib == [6.0, 1.5]
+    assert quick.dma_shrink_mib == [4.0, 2.0, 1.0] and quick.dma_parts == ["shrink", "queues"]
+    assert parse("--dma-shrink-mib", "8,1", "--dma-bounce-mib", "2").dma_shrink_mib == [8.0, 1.0]
     for bad in (["--dma-parts", "contention,latency"], ["--dma-rounds", "0"],
                 ["--dma-duration", "-1"], ["--dma-shrink-mib", "3,x"],
                 ["--dma-shrink-mib", "0"], ["--dma-shrink-until", "off"]):  # fmt: skip
@@ -288,8 +292,10 @@ def test_arguments_defaults_quick_and_refusals(capsys: pytest.CaptureFixture[str
     assert "unknown part 'latency'" in err and "want > 0" in err
     with pytest.raises(SystemExit, match="less than one 256 KiB segment"):
         parse("--dma-bounce-mib", "0.5")
-    with pytest.raises(SystemExit, match="less than one 256 KiB segment"):
-        parse("--dma-shrink-mib", "3,0.5")
+    with pytest.raises(SystemExit, match="power of two"):
+        parse("--dma-bounce-mib", "48")
+    with pytest.raises(SystemExit, match="power of two"):
+        parse("--dma-shrink-mib", "4,3")
 
 
 def test_bench_entry_point_knows_the_dma_suite(capsys: pytest.CaptureFixture[str]) -> None:
