@@ -335,24 +335,36 @@ def special_file_requests(c: FuseClient, node: int, name: bytes, fh: int) -> lis
 def test_cve_2020_35517_no_opcode_opens_a_fifo(share: Path) -> None:
     watch = FifoWatch(share)
     c = client_for(share, writeback=True)
-    try:
+    seen: list[tuple[str, int, bytes, list[str]]] = []
+
+    def probe() -> None:
         fh = c.open(c.lookup(1, b"hello.txt").nodeid, os.O_RDWR)
         for key, path in watch.paths.items():
             node = c.lookup(1, path.name.encode()).nodeid
             for opcode, nodeid, body in special_file_requests(c, node, path.name.encode(), fh):
                 c.call(opcode, nodeid, body, uid=0)
                 c.call(opcode, nodeid, body, uid=A, gid=A)
-                assert watch.opened() == [], (key, opcode, body[:16])
+                seen.append((key, opcode, body[:16], watch.opened()))
         # a directory listing with attributes (READDIRPLUS looks each entry up)
         dh = c.opendir(1)
         names = {d.name for d in c.readdir_all(1, dh, 4096, plus=True)}
         assert {b"fifo_r", b"fifo_w"} <= names
         assert c.call(READDIRPLUS, 1, read_body(dh, 0, 4096)).ok
-        assert watch.opened() == []
+        seen.append(("readdirplus", READDIRPLUS, b"", watch.opened()))
+
+    t = threading.Thread(target=probe, daemon=True)
+    try:
+        t.start()
+        t.join(JOIN)
+        # an open in the wrong direction blocks the daemon: that is a failure too
+        assert not t.is_alive(), f"a request blocked in the daemon after {seen[-1:]}"
+        assert len(seen) == 2 * len(special_file_requests(c, 1, b"x", 1)) + 1
+        assert [s for s in seen if s[3]] == []
         assert not any(ev.is_set() for ev in watch.released.values())
     finally:
+        watch.close()  # (also releases a daemon thread blocked on a FIFO)
+        t.join(JOIN)
         c.session.fs.close()
-        watch.close()
 
 
 def test_cve_2020_35517_no_opcode_opens_a_device_node(share: Path) -> None:
