@@ -609,6 +609,8 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
 
 #: ``--dma-quick``: what one of the suite's own runs on a busy 2-core machine uses.
 QUICK: dict[str, Any] = {"dma_duration": 8.0, "dma_rounds": 1, "dma_shrink_mib": [4.0, 2.0, 1.0]}
+#: Without it (an option given explicitly wins over either).
+DEFAULTS: dict[str, Any] = {"dma_duration": 20.0, "dma_rounds": 3, "dma_shrink_mib": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("dma suite")
     g.add_argument("--dma-parts", type=_parts, default=list(PARTS),
                    help=f"comma-separated, from {','.join(PARTS)} (default: all)")  # fmt: skip
-    g.add_argument("--dma-duration", type=_positive(float), default=20.0,
+    g.add_argument("--dma-duration", type=_positive(float), default=None,
                    help="seconds each load runs (default 20)")  # fmt: skip
-    g.add_argument("--dma-rounds", type=_positive(int), default=3,
+    g.add_argument("--dma-rounds", type=_positive(int), default=None,
                    help="rounds of the contention and queues parts, modes interleaved "
                    "(default 3)")  # fmt: skip
     g.add_argument("--dma-bounce-mib", type=_positive(float), default=64.0,
@@ -647,8 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Apply ``--dma-quick`` and check the sizes; raises SystemExit with a message."""
-    if args.dma_quick:
-        for k, v in QUICK.items():
+    for k, v in (QUICK if args.dma_quick else DEFAULTS).items():
+        if getattr(args, k) is None:
             setattr(args, k, v)
     try:
         mib_to_total(args.dma_bounce_mib)

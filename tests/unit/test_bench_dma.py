@@ -283,6 +283,9 @@ def test_arguments_defaults_quick_and_refusals(capsys: pytest.CaptureFixture[str
     assert (quick.dma_rounds, quick.dma_duration) == (1, 8.0)
     assert quick.dma_shrink_mib == [4.0, 2.0, 1.0] and quick.dma_parts == ["shrink", "queues"]
     assert parse("--dma-shrink-mib", "8,1", "--dma-bounce-mib", "2").dma_shrink_mib == [8.0, 1.0]
+    # an option given explicitly wins over --dma-quick
+    mine = parse("--dma-quick", "--dma-rounds", "2", "--dma-shrink-mib", "8")
+    assert (mine.dma_rounds, mine.dma_duration, mine.dma_shrink_mib) == (2, 8.0, [8.0])
     for bad in (["--dma-parts", "contention,latency"], ["--dma-rounds", "0"],
                 ["--dma-duration", "-1"], ["--dma-shrink-mib", "3,x"],
                 ["--dma-shrink-mib", "0"], ["--dma-shrink-until", "off"]):  # fmt: skip
