@@ -213,14 +213,6 @@ def _xattrmap(text: str) -> XattrMap:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _modcaps(text: str) -> str:
-    try:
-        capabilities.apply_modcaps(capabilities.DEFAULT_CAPS, text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 def _group(text: str) -> str:
     try:
         grp.getgrnam(text)
@@ -330,7 +322,7 @@ class _Compat(argparse.Action):
         elif key == "sandbox":
             ns.sandbox = _sandbox(value)
         elif key == "modcaps":
-            ns.modcaps = _modcaps(value)
+            ns.modcaps = value  # checked with --modcaps, in main()
         else:
             ns.xattrmap = _xattrmap(value)
 
@@ -532,7 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--modcaps",
-        type=_modcaps,
         metavar="+CAP:-CAP",
         help="capabilities to keep besides (+) or drop from (-) the default set "
         f"({', '.join(sorted(capabilities.DEFAULT_CAPS))}), e.g. +sys_admin:-mknod",
@@ -852,10 +843,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         config = build_config(args, shared.resolve())
-        keep = capabilities.apply_modcaps(capabilities.DEFAULT_CAPS, args.modcaps)
     except (ConfigError, idmap.IdMapError) as e:
         print(f"pyvirtiofsd: {e}", file=sys.stderr)
         return 2
+    try:  # virtiofsd checks --modcaps after parsing too: exit 1
+        keep = capabilities.apply_modcaps(capabilities.DEFAULT_CAPS, args.modcaps)
+    except capabilities.ModcapsError as e:
+        print(f"pyvirtiofsd: {e}", file=sys.stderr)
+        return 1
 
     pid_file = None
     if args.socket_path is not None:
