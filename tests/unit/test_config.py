@@ -74,6 +74,8 @@ def test_bad_values_are_refused_when_built(tmp_path: Path) -> None:
     for n in (-1, MAX_THREAD_POOL_SIZE + 1):
         with pytest.raises(ConfigError, match="thread_pool_size"):
             ServiceConfig(shared_dir=tmp_path, thread_pool_size=n)
+    with pytest.raises(ConfigError, match="inode_fds"):
+        ServiceConfig(shared_dir=tmp_path, inode_fds=0)
     with pytest.raises(ConfigError, match="window"):
         ServiceConfig(shared_dir=tmp_path, window=(0x1000, 0))
     with pytest.raises(TypeError, match="cahce"):
