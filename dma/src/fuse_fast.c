@@ -709,7 +709,8 @@ static int fast_write(struct pvd_fs *fs, const struct pvd_req *r, const struct i
 {
 	uint8_t in[WRITE_IN_SIZE];
 	const uint64_t start = IN_HEADER_SIZE + WRITE_IN_SIZE;
-	if (fs->readonly || fs->python_writes || h->len < start || r->wlen < OUT_HEADER_SIZE + WRITE_OUT_SIZE)
+	if (fs->readonly || fs->python_writes || h->len < start ||
+	    r->wlen < OUT_HEADER_SIZE + WRITE_OUT_SIZE)
 		return 0;
 	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
 	uint64_t fh = get64(in), offset = get64(in + 8);
