@@ -42,9 +42,14 @@ ETC_PASSWD = (
     "nobody:x:65534:65534:nobody:/:/bin/false\n"
     "alice:x:1000:1000:test user:/tmp:/bin/sh\n"
     "bob:x:1001:1001:test user:/tmp:/bin/sh\n"
+    "carol:x:65533:65532:test user:/tmp:/bin/sh\n"
 )
+#: Supplementary groups for the credential tests: carol's primary group is
+#: 65532 and she is also in 65531 (the issue's uid 65534 / egid 65532 /
+#: groups {65532, 65531} case); alice is in 2000 and 65531, bob only in 2000.
 ETC_GROUP = (
-    "root:x:0:\ndaemon:x:1:\nnogroup:x:65534:\nalice:x:1000:\nbob:x:1001:\nshare:x:2000:alice,bob\n"
+    "root:x:0:\ndaemon:x:1:\nnogroup:x:65534:\nalice:x:1000:\nbob:x:1001:\n"
+    "share:x:2000:alice,bob\ncrew:x:65531:alice,carol\ncarol:x:65532:carol\n"
 )
 ETC_PROFILE = 'export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nexport PS1="pva-guest:\\w# "\n'
 

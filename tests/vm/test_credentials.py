@@ -1,0 +1,129 @@
+"""The credential model in a real guest: supplementary groups and setgid
+directories over virtio-fs give what the guest's own tmpfs gives.
+
+One boot for the module.  The same script (``SCRIPT``) runs as root, carol,
+alice and bob (``vm/initramfs.py``: carol is uid 65533, primary group 65532,
+also in 65531; alice is in 65531 too; bob is not) once on ``/mnt/cr`` and once
+on a fresh tmpfs, and prints each step's exit status and then the tree (type,
+mode, owner, group, size).  The two outputs must be equal, line by line; a
+few lines are also checked on their own (the chgrp to a supplementary group
+succeeds and clears setuid/setgid; bob is refused), and the host sees the
+owners the guest saw.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.vm.machine import Machine, MachineConfig
+from pyvirtiofsd.vm.shares import Share
+
+#: ``sh SCRIPT DIR``: DIR is an empty directory on the filesystem under test.
+SCRIPT = r"""
+set -u
+cd "$1" || exit 99
+step() { label=$1; user=$2; shift 2; su "$user" -c "$*" >/dev/null 2>&1; echo "step $label $?"; }
+mkdir grp sg
+chown 0:65531 grp sg && chmod 0770 grp && chmod 2770 sg
+echo data > grp/shared && chown 0:65531 grp/shared && chmod 0660 grp/shared
+for f in suidgid suid sgid owned; do echo '#!/bin/sh' > $f && chown 65533:65532 $f; done
+chmod 6755 suidgid; chmod 4755 suid; chmod 2755 sgid; chmod 0644 owned
+# a directory writable only through carol's supplementary group 65531
+step create carol 'echo x > grp/f'
+step mkdir carol 'mkdir grp/d'
+step mknod-fifo carol 'mknod grp/p p'
+step symlink carol 'ln -s f grp/s'
+step link carol 'ln grp/f grp/h'
+step rename carol 'mv grp/h grp/h2'
+step rename-dir carol 'mv grp/d sg/d2'
+step unlink carol 'rm grp/s'
+# a setgid directory of that group
+step sg-create carol 'echo y > sg/f'
+step sg-mkdir carol 'mkdir sg/d'
+step sg-mknod carol 'mknod sg/p p'
+step sg-symlink carol 'ln -s f sg/s'
+step sg-link carol 'ln sg/f sg/h'
+step sg-chmod carol 'chmod 2755 sg/f'
+step sg-alice alice 'echo a > sg/alice && mkdir sg/alice-d'
+step sg-bob bob 'echo b > sg/bob'
+step rmdir carol 'rmdir sg/d2'
+# attributes: owner and group changes into a supplementary group
+step chgrp carol 'chgrp 65531 suidgid'
+step chown carol 'chown 65533:65531 suid'
+step chgrp-sgid carol 'chgrp 65531 sgid'
+step chgrp-not-member carol 'chgrp 2000 owned'
+step chown-not-owner carol 'chown 65533 grp/shared'
+step chmod carol 'chmod 0640 owned'
+step utimes carol 'touch -d "2001-02-03 04:05:06" owned'
+step truncate carol 'truncate -s 2 grp/shared'
+step touch-now carol 'touch grp/shared'
+step append carol 'echo z >> grp/shared'
+step bob-denied bob 'echo b > grp/bob'
+step bob-chmod bob 'chmod 0777 owned'
+find . | sort | while read -r f; do
+  case $(stat -c %F "$f") in
+    directory) stat -c 'tree %n %A %u %g' "$f" ;;
+    *) stat -c 'tree %n %A %u %g %s' "$f" ;;
+  esac
+done
+stat -c 'mtime %n %Y' owned
+"""
+
+M = "/mnt/cr"
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Machine, Path]]:
+    root = tmp_path_factory.mktemp("creds") / "share"
+    root.mkdir()
+    os.chmod(root.parent, 0o755)
+    os.chmod(root, 0o755)
+    share = Share(root, "cr", backend="pyvirtiofsd")
+    with Machine(MachineConfig(shares=[share]), name="credentials") as vm:
+        vm.agent.write_file("/tmp/creds.sh", SCRIPT.encode())
+        r = vm.agent.run(
+            "mkdir -p /tmp/ref && mount -t tmpfs -o mode=0755 tmpfs /tmp/ref", timeout=30
+        )
+        assert r.status == 0, r
+        yield vm, root
+
+
+def run_both(vm: Machine, case: str) -> tuple[list[str], list[str]]:
+    outs = []
+    for base in (M, "/tmp/ref"):
+        r = vm.agent.run(
+            f"mkdir -m 755 {base}/{case} && sh /tmp/creds.sh {base}/{case}", timeout=120
+        )
+        assert r.status == 0, r
+        outs.append(r.stdout.decode().splitlines())
+    return outs[0], outs[1]
+
+
+def test_supplementary_groups_and_setgid_match_tmpfs(guest: tuple[Machine, Path]) -> None:
+    vm, root = guest
+    ours, tmpfs = run_both(vm, "c1")
+    assert len(ours) > 40, ours
+    diff = [f"virtio-fs: {a!r} / tmpfs: {b!r}" for a, b in zip(ours, tmpfs, strict=True) if a != b]
+    assert not diff, "\n".join(diff)
+    steps = dict(line.split()[1:] for line in ours if line.startswith("step "))
+    for ok in ("create", "mkdir", "mknod-fifo", "link", "rename-dir", "sg-create", "chgrp"):
+        assert steps[ok] == "0", (ok, steps)
+    for refused in ("sg-bob", "bob-denied", "chgrp-not-member", "chown-not-owner", "bob-chmod"):
+        assert steps[refused] != "0", (refused, steps)
+    tree = {line.split()[1]: line.split()[2:] for line in ours if line.startswith("tree ")}
+    # the issue's case: chgrp into a supplementary group clears setuid and setgid
+    assert tree["./suidgid"][:3] == ["-rwxr-xr-x", "65533", "65531"], tree["./suidgid"]
+    # setgid directory: the group is inherited, a new directory is setgid too
+    assert tree["./sg/f"][:3] == ["-rwxr-sr-x", "65533", "65531"], tree["./sg/f"]
+    assert tree["./sg/d"][:3] == ["drwxr-sr-x", "65533", "65531"], tree["./sg/d"]
+    # ... and the host holds the same owners the guest saw
+    for name, uid, gid in (("grp/f", 65533, 65532), ("sg/f", 65533, 65531), ("suid", 65533, 65531)):
+        st = os.lstat(root / "c1" / name)
+        assert (st.st_uid, st.st_gid) == (uid, gid), name
+    assert not os.stat(root / "c1/suid").st_mode & stat.S_ISUID
+    assert os.stat(root / "c1/sg/d").st_mode & stat.S_ISGID
