@@ -30,6 +30,7 @@ libvirt-daemon
 libvirt-daemon-driver-qemu
 libvirt-clients
 uidmap
+udev
 "
 
 missing=""
