@@ -848,12 +848,12 @@ class PassthroughFs:
         if now - self._device_refusal_logged >= 1.0:
             self._device_refusal_logged = now
             logger.warning(
-                "MKNOD of %s device %d:%d %r refused with EPERM (%d so far): "
+                "MKNOD of %s device %d:%d %s refused with EPERM (%d so far): "
                 "the daemon runs without --allow-device-nodes",
                 "block" if ftype == stat.S_IFBLK else "character",
                 os.major(device),
                 os.minor(device),
-                name,
+                name.decode(errors="replace"),
                 self._device_refusals,
             )
         raise _err(errno.EPERM)
