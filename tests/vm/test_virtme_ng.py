@@ -117,6 +117,9 @@ def vng_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VngRun]:
         "--memory",
         "512M",
         f"--rwdir={rwdir}",
+        # boot console, virtme-ng-init and the daemons' logs on stderr, and
+        # vng's own "fallback to 9p" message
+        "--verbose",
         "--exec",
         guest_cmd,
     ]
@@ -169,6 +172,20 @@ def _diagnosis(run: VngRun) -> str:
     )
 
 
+def _require_daemons(run: VngRun) -> list[tuple[int, list[str]]]:
+    daemons = run.daemons()
+    if not daemons:
+        pytest.fail(
+            "vng started no virtiofsd (it runs one only if `virtiofsd --version` "
+            "exits 0)\n" + _diagnosis(run)
+        )
+    if "fallback to 9p" in run.stderr:
+        pytest.fail(
+            "vng gave up on a daemon: no <socket>.pid within its wait (~1.5 s)\n" + _diagnosis(run)
+        )
+    return daemons
+
+
 def test_vng_checks_the_daemon_version_first(vng_run: VngRun) -> None:
     assert vng_run.invocations, "vng never ran the virtiofsd on PATH\n" + _diagnosis(vng_run)
     _, first = vng_run.invocations[0]
@@ -176,7 +193,7 @@ def test_vng_checks_the_daemon_version_first(vng_run: VngRun) -> None:
 
 
 def test_vng_starts_pyvirtiofsd_with_its_command_line(vng_run: VngRun) -> None:
-    daemons = vng_run.daemons()
+    daemons = _require_daemons(vng_run)
     assert len(daemons) == 2, "expected a daemon for / and one for --rwdir\n" + _diagnosis(vng_run)
     (_, root), (_, rw) = daemons
     sock = root[root.index("--socket-path") + 1]
@@ -209,9 +226,7 @@ def test_vng_starts_pyvirtiofsd_with_its_command_line(vng_run: VngRun) -> None:
 
 
 def test_guest_boots_from_pyvirtiofsd_and_the_output_comes_back(vng_run: VngRun) -> None:
-    assert "fallback to 9p" not in vng_run.stderr, (
-        "vng gave up on the daemon (no <socket>.pid in time)\n" + _diagnosis(vng_run)
-    )
+    _require_daemons(vng_run)
     lines = vng_run.stdout.splitlines()
     assert f"host-marker {vng_run.token}" in lines, _diagnosis(vng_run)
     assert "root-fstype virtiofs" in lines, _diagnosis(vng_run)
@@ -222,6 +237,7 @@ def test_guest_boots_from_pyvirtiofsd_and_the_output_comes_back(vng_run: VngRun)
 
 
 def test_guest_writes_reach_the_host_rwdir(vng_run: VngRun) -> None:
+    _require_daemons(vng_run)
     written = vng_run.rwdir / "from-guest"
     assert written.exists(), _diagnosis(vng_run)
     assert written.read_text() == f"guest-wrote-{vng_run.token}\n"
