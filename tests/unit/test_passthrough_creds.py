@@ -382,6 +382,34 @@ def test_killpriv_on_write_matches_local(
     assert bool(expected & stat.S_ISGID) == (mode & 0o2010 == 0o2000 and writer == A)
 
 
+@pytest.mark.parametrize("mode", [0o2745, 0o2755, 0o6745, 0o4755])
+@pytest.mark.parametrize("caller_gid", [A, B])
+def test_killpriv_on_truncate_uses_the_callers_group(
+    client: FuseClient, root: Path, tmp_path: Path, mode: int, caller_gid: int
+) -> None:
+    """SETATTR size with FATTR_KILL_SUIDGID: setuid always goes, setgid
+    without group-execute stays only for a caller in the file's group --
+    decided by the caller's fsgid, as a local truncate decides it."""
+    local = tmp_path / "local"
+    for path in (root / "t", local):
+        path.write_bytes(b"data")
+        os.chown(path, A, A)
+        os.chmod(path, mode)
+    fd = os.open(local, os.O_WRONLY)
+    try:
+        with oscalls.caller_credentials(A, caller_gid):
+            os.ftruncate(fd, 1)
+    finally:
+        os.close(fd)
+    expected = stat.S_IMODE(os.stat(local).st_mode)
+    t = client.lookup(1, b"t")
+    body = setattr_body(FATTR_SIZE | FATTR_KILL_SUIDGID, size=1)
+    assert client.call(SETATTR, t.nodeid, body, uid=A, gid=caller_gid).ok
+    assert stat.S_IMODE(os.stat(root / "t").st_mode) == expected
+    assert bool(expected & stat.S_ISGID) == (mode & 0o2010 == 0o2000 and caller_gid == A)
+    assert fs_ids(thread_status()) == (0, 0)
+
+
 def test_no_kill_without_the_flag(client: FuseClient, root: Path) -> None:
     (root / "suid").write_bytes(b"data")
     os.chmod(root / "suid", 0o6755)
