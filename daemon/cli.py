@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="|".join(sandbox.MODES),
         help="confine the daemon: namespace (new mount/pid/net/ipc/uts namespaces, "
-        "pivot_root into the share), chroot, or none (default: "
+        "pivot_root into the share; not root, inside a new user namespace, see "
+        "--uid-map), chroot (root only), or none (default: "
         f"{DEFAULT_SANDBOX_ROOT} as root, none otherwise)",
     )
     ap.add_argument(
