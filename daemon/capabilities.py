@@ -214,12 +214,17 @@ def restrict(keep: frozenset[str], *, who: str = "daemon") -> int:
     other capability dropped from the bounding set.  Returns the new mask."""
     if threading.active_count() != 1 or procfs.thread_count() != 1:
         raise RuntimeError("capabilities must be dropped while the process has one thread")
-    _, permitted, _ = current()
+    effective, permitted, _ = current()
     mask = _mask(keep) & permitted
     # The bounding set first: PR_CAPBSET_DROP needs CAP_SETPCAP, which goes next.
-    for cap in range(cap_last_cap() + 1):
-        if not mask >> cap & 1 and _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
-            _prctl(_PR_CAPBSET_DROP, cap)
+    # Without it (a daemon that is not root) the bounding set stays as it is:
+    # no_new_privs, set next, already keeps every exec from gaining anything.
+    if effective >> CAP_NAMES["setpcap"] & 1:
+        for cap in range(cap_last_cap() + 1):
+            if not mask >> cap & 1 and _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
+                _prctl(_PR_CAPBSET_DROP, cap)
+    else:
+        log.debug("capabilities: no CAP_SETPCAP, the bounding set is left as it is")
     _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     hdr = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()

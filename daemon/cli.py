@@ -785,10 +785,12 @@ def confine(
     inside = sandbox.enter(
         mode, shared, parent_cleanup=parent_cleanup, uid_map=args.uid_map, gid_map=args.gid_map
     )
-    if os.geteuid() == 0:  # root, or root of the rootless sandbox's user namespace
-        capabilities.restrict(keep)
-    elif args.modcaps:
-        log.warning("--modcaps ignored: the daemon is not root and keeps no capabilities")
+    # As root (or root of the rootless sandbox's user namespace) the kept set;
+    # otherwise what the daemon was given (ambient or file capabilities) is
+    # cut down to it too, and usually nothing is left.
+    if os.geteuid() != 0 and args.modcaps:
+        log.warning("--modcaps: the daemon is not root; it keeps only what it was given")
+    capabilities.restrict(keep)
     capabilities.set_no_new_privs()
     seccomp.install(args.seccomp)
     return inside

@@ -7,10 +7,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import selectors
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +313,45 @@ async def test_device_replies_carry_guest_ids(tmp_path: Path, translated: bool) 
             assert served.getattr == served.lookup == 0
         else:  # on: the check above would have seen untranslated C replies
             assert served.getattr >= 3 and served.lookup >= 3
+
+
+def _start_unprivileged(share: str, *args: str) -> str:
+    """Run the daemon as uid 65533 until it serves, then SIGTERM it; its log."""
+    argv = ["setpriv", "--reuid", "65533", "--regid", "65533", "--clear-groups",
+            sys.executable, "-m", "pyvirtiofsd.daemon", "--socket-path", f"{share}/s.sock",
+            "--shared-dir", share, *args]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd="/")
+    assert proc.stderr is not None
+    log = b""
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stderr, selectors.EVENT_READ)
+            deadline = time.monotonic() + 60
+            while b"serving" not in log and time.monotonic() < deadline:
+                if sel.select(deadline - time.monotonic()):
+                    chunk = os.read(proc.stderr.fileno(), 65536)
+                    if not chunk:
+                        break
+                    log += chunk
+        assert b"serving" in log, log.decode()
+        proc.terminate()
+        assert proc.wait(30) == 0, log.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stderr.close()
+    return log.decode()
+
+
+@root_only
+def test_unprivileged_daemon_starts_in_each_usable_sandbox() -> None:
+    with tempfile.TemporaryDirectory(prefix="pvd-idmap-") as d:
+        os.chmod(d, 0o777)
+        log = _start_unprivileged(d, "--sandbox", "none", "--modcaps", "+sys_admin")
+        assert "capabilities kept (daemon): none" in log
+        assert "--modcaps: the daemon is not root" in log
+        log = _start_unprivileged(d, "--sandbox", "namespace", "--translate-uid", "map:0:65533:1")
+        assert "sandbox: user namespace, uid map :0:65533:1:, gid map :0:65533:1:" in log
+        assert "root is " in log and "seccomp: kill" in log
+        assert not os.path.exists(f"{d}/s.sock")  # the outer process removed it
