@@ -409,8 +409,9 @@ def _mib(n: int | None) -> str:
 
 
 def shrink_table(records: Sequence[Mapping[str, Any]], modes: Sequence[str] = BOUNCE_MODES) -> str:
-    """One line per size: per mode its verdict, aggregate, "buffer is full" count
-    and I/O errors; then where each mode degraded and failed."""
+    """One line per size: per mode its verdict, aggregate (and each device's
+    part: a failed device's partner may run faster for it), "buffer is full"
+    count and I/O errors; then where each mode degraded and failed."""
     sizes = sorted({int(r["total_bytes"]) for r in records}, reverse=True)
     head = ["bounce total", "windows (MiB)", *modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -426,9 +427,11 @@ def shrink_table(records: Sequence[Mapping[str, Any]], modes: Sequence[str] = BO
                 cells.append(f"**fail**: {r['failure'][:60]}")
                 continue
             v = r["verdict"]
-            text = (f"{'**' + v + '**' if v != 'ok' else v}: {aggregate(r):.1f} MiB/s, "
-                    f"full {total_full(r['full'])}, errors {int(_errors(r))}, "
-                    f"B p99 {_fmt(_stats([r['b_p99_us']]))} us")  # fmt: skip
+            text = (f"{'**' + v + '**' if v != 'ok' else v}: {aggregate(r):.1f} MiB/s "
+                    f"(A {r.get('a_read_mib_s', 0):.0f} r + {r.get('a_write_mib_s', 0):.0f} w, "
+                    f"B {r['b_iops']:.0f} IOPS p99 {_fmt(_stats([r['b_p99_us']]))} us, "
+                    f"NIC {r['net_mib_s']:.1f}), full {total_full(r['full'])}, "
+                    f"errors {int(_errors(r))}")  # fmt: skip
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -129,7 +129,8 @@ def rec(mode: str = "shared", size: int = 64 * MIB, *, a: float = 10.0, b: float
         "mode": mode, "total_bytes": size, "a_mib_s": a, "b_mib_s": b, "b_iops": b * 256,
         "b_p50_us": 300.0, "b_p99_us": 3000.0, "net_mib_s": net,
         "full": {"0000:00:08.0": full, "suppressed": 0, "enqueue_failed": enqueue},
-        "errors": {"a": errors, "b": 0}, "hiwater": {}, "nslabs": {}, **kw,
+        "errors": {"a": errors, "b": 0}, "hiwater": {}, "nslabs": {},
+        "a_read_mib_s": a * 0.4, "a_write_mib_s": a * 0.6, **kw,
     }  # fmt: skip
     if failure:
         r["failure"] = failure
@@ -238,7 +239,10 @@ def test_contention_table_medians_ranges_and_ratios() -> None:
 def test_shrink_and_queues_tables() -> None:
     recs = dma.shrink_search(SIZES, FakeGuest(), until="both")
     table = dma.shrink_table(recs)
-    assert "| 4 MiB | A 1.5 / B 1.25 / NIC 1.25 | **fail**: 16.0 MiB/s, full 30, errors 5" in table
+    assert (
+        "| 4 MiB | A 1.5 / B 1.25 / NIC 1.25 | **fail**: 16.0 MiB/s (A 4 r + 6 w, "
+        "B 256 IOPS p99 3000 us, NIC 5.0), full 30, errors 5 |"
+    ) in table
     assert "| 1 MiB | A 0.5 / B 0.25 / NIC 0.25 | (not run) | **fail**" in table
     assert "- shared: degrades at 8 MiB, fails at 4 MiB (smallest run: 4 MiB)" in table
     assert "- per-device: degrades at 1 MiB, fails at 1 MiB (smallest run: 1 MiB)" in table
