@@ -10,7 +10,9 @@ interleaved so that noise on a shared machine hits every peer alike.
 
 Part 2, DMA modes: pyvirtiofsd alone, the same workload in each of the three
 DMA modes (``off``, ``shared`` = swiotlb=force, ``per-device`` windows), one
-guest per mode, run back to back.
+guest per mode, run back to back. One device at a time cannot show contention
+for bounce memory; ``make bench SUITE=dma`` (:mod:`pyvirtiofsd.bench.dma`)
+loads two shares and a NIC at once.
 
 Results are ratios to the peers (or to mode ``off``) measured in the same run;
 absolute numbers are printed for reference only. Times are measured in the
