@@ -222,6 +222,31 @@ def _open_proc() -> None:
     procfs.set_proc_self_fd(os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
 
 
+#: Knobs that can forbid unprivileged user namespaces (Debian's, upstream's, Ubuntu's).
+USERNS_SYSCTLS = (
+    "/proc/sys/kernel/unprivileged_userns_clone",
+    "/proc/sys/user/max_user_namespaces",
+    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+)
+
+
+def userns_settings() -> str:
+    """The present ``USERNS_SYSCTLS`` as ``name=value`` (for error messages)."""
+    found = []
+    for path in USERNS_SYSCTLS:
+        with contextlib.suppress(OSError), open(path, encoding="ascii") as f:
+            found.append(f"{path.removeprefix('/proc/sys/').replace('/', '.')}={f.read().strip()}")
+    return ", ".join(found) or "none of " + ", ".join(USERNS_SYSCTLS)
+
+
+def _unshare_user_failed(code: int) -> OSError:
+    return OSError(
+        code,
+        f"unshare(CLONE_NEWUSER): {os.strerror(code)}: this host may not allow unprivileged "
+        f"user namespaces ({userns_settings()}); use --sandbox none",
+    )
+
+
 def _write_proc(name: str, text: str) -> None:
     with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
         f.write(text)
@@ -249,7 +274,8 @@ def _enter_user_namespace(uid_map: Sequence[NamespaceMap], gid_map: Sequence[Nam
     """Become root of a new user namespace (see the module docstring)."""
     uid, gid = os.geteuid(), os.getegid()
     if not uid_map and not gid_map:
-        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        if _libc.unshare(CLONE_NEWUSER) != 0:
+            raise _unshare_user_failed(ctypes.get_errno())
         _write_proc("setgroups", "deny")
         _write_proc("uid_map", f"0 {uid} 1\n")
         _write_proc("gid_map", f"0 {gid} 1\n")
@@ -278,7 +304,7 @@ def _enter_user_namespace(uid_map: Sequence[NamespaceMap], gid_map: Sequence[Nam
         os.close(done_r)
         _, status = os.waitpid(helper, 0)
         if not unshared:
-            raise OSError(code, f"unshare(CLONE_NEWUSER): {os.strerror(code)}")
+            raise _unshare_user_failed(code)
         if status != 0:
             raise OSError(b"".join(chunks).decode(errors="replace") or "id mapping failed")
     # root of the namespace now: make the ids read as 0 (mapped above)

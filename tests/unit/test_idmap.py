@@ -355,3 +355,10 @@ def test_unprivileged_daemon_starts_in_each_usable_sandbox() -> None:
         assert "sandbox: user namespace, uid map :0:65533:1:, gid map :0:65533:1:" in log
         assert "root is " in log and "seccomp: kill" in log
         assert not os.path.exists(f"{d}/s.sock")  # the outer process removed it
+
+
+def test_a_refused_user_namespace_names_the_host_settings() -> None:
+    err = sandbox._unshare_user_failed(errno.EPERM)
+    assert err.errno == errno.EPERM and "use --sandbox none" in str(err)
+    assert any(p.removeprefix("/proc/sys/").replace("/", ".") in str(err) and os.path.exists(p)
+               for p in sandbox.USERNS_SYSCTLS) or "none of" in str(err)  # fmt: skip
