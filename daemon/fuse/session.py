@@ -352,7 +352,14 @@ class FuseSession:
         init = abi.decode_init_in(body)
         with self._state_lock:
             if self.initialized:
-                raise NotInitialized("second INIT in one session")
+                # The guest restarted without unmounting (a reset, a crash):
+                # its inodes and handles died with it.  Start over, as after
+                # DESTROY (virtiofsd does the same: "Handle hard reboot").
+                logger.info("INIT on an initialised session: the guest restarted; state dropped")
+                if self.fast is not None:
+                    self.fast.ready = False  # before the tables go
+                self.fs.destroy()
+                self.initialized = False
             if init.major > abi.KERNEL_VERSION:
                 logger.info("guest offers FUSE %d.%d; asking for 7", init.major, init.minor)
                 return abi.INIT_OUT.encode(

@@ -141,9 +141,15 @@ def test_init_ext_flags2_considered(fs: PassthroughFs) -> None:
     assert flags2 == int(InitFlag.SECURITY_CTX) >> 32
 
 
-def test_second_init_is_eio(client: FuseClient) -> None:
+def test_second_init_starts_over(client: FuseClient) -> None:
+    """A guest that restarted without unmounting sends INIT again: it is
+    served, and the old session's inodes are gone (as after DESTROY)."""
     client.init()
-    assert client.call(INIT, 0, init_body()).error == -errno.EIO
+    old = client.lookup(1, b"hello.txt").nodeid
+    assert client.call(GETATTR, old, getattr_body()).ok
+    assert client.call(INIT, 0, init_body()).ok
+    assert client.call(GETATTR, old, getattr_body()).error != 0
+    assert client.call(GETATTR, 1, getattr_body()).ok
 
 
 def test_requests_before_init_get_eio(client: FuseClient) -> None:
