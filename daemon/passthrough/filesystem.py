@@ -770,13 +770,11 @@ class PassthroughFs:
                         flags = oscalls.AT_EMPTY_PATH | oscalls.AT_SYMLINK_NOFOLLOW
                         oscalls.fchownat(inode.fd, b"", uid, gid, flags)
                 if inode.mode == stat.S_IFREG:
-                    self._drop_remapped_capability(
-                        inode.fd if fd is None else fd, o_path=fd is None
-                    )
+                    self._drop_remapped_capability(inode.fd if fd is None else fd)
             if valid & abi.FATTR_SIZE:
                 with self._killing(ctx, kill):
                     self._truncate(inode, fd, arg.size)
-                self._drop_remapped_capability(inode.fd if fd is None else fd, o_path=fd is None)
+                self._drop_remapped_capability(inode.fd if fd is None else fd)
             if valid & _FATTR_TIMES:
                 self._utimens(inode, fd, arg)
             st = os.fstat(inode.fd if fd is None else fd)
@@ -1132,17 +1130,17 @@ class PassthroughFs:
         self._capability_for = (self.xattrmap, host)
         return host
 
-    def _drop_remapped_capability(self, fd: int, *, o_path: bool = False) -> None:
-        """Remove the remapped capability xattr of ``fd``'s file (as the daemon)."""
+    def _drop_remapped_capability(self, fd: int) -> None:
+        """Remove the remapped capability xattr of ``fd``'s file (as the daemon).
+
+        By its ``/proc/self/fd`` name, as every xattr call: the seccomp
+        allowlist has ``removexattr``, not ``fremovexattr``."""
         host = self.remapped_capability()
         if host is None:
             return
         try:
-            if o_path:
-                with procfs.in_proc_fd_dir(self._proc_fd):
-                    os.removexattr(str(fd), host)
-            else:
-                os.removexattr(fd, host)
+            with procfs.in_proc_fd_dir(self._proc_fd):
+                os.removexattr(str(fd), host)
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise

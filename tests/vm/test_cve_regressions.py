@@ -1,13 +1,22 @@
-"""CVE-2020-35517 in a real guest: special files in the share stay the guest's.
+"""virtiofsd's CVE classes in a real guest, with the daemon in its default
+sandbox (namespace, seccomp kill).  Unit-level coverage of every opcode and
+the other classes: ``tests/unit/test_cve_regressions.py``; fd exhaustion in a
+guest: ``tests/vm/test_fd_budget.py``.
 
-A FIFO and a character device node live in the share; on the host a reader
-waits in ``open(2)`` on the FIFO (an open for writing by the daemon would
-release it).  The guest stats, lists, chmods and touches both, pipes data
-through the FIFO and writes to the device: its kernel opens special files
-itself (a FUSE FIFO is a local pipe, a device node the guest's own device),
-so the host reader must still be waiting and the daemon (the sandbox's inner
-process) must hold no fd on either but O_PATH ones.  Unit-level coverage of
-every opcode: ``tests/unit/test_cve_regressions.py``.
+CVE-2020-35517, special files in the share stay the guest's.  A FIFO and
+a character device node live in the share; on the host a reader waits in
+``open(2)`` on the FIFO (an open for writing by the daemon would release
+it).  The guest stats, lists, chmods and touches both, pipes data through
+the FIFO and writes to the device: its kernel opens special files itself (a
+FUSE FIFO is a local pipe, a device node the guest's own device), so the
+host reader must still be waiting and the daemon (the sandbox's inner
+process) must hold no fd on either but O_PATH ones.
+
+CVE-2021-20263, a remapped ``security.capability`` is dropped on write.
+With ``--xattrmap`` moving every guest name under ``user.virtiofs.``, the
+file capabilities the guest sees live on the host as
+``user.virtiofs.security.capability``, which the host kernel does not clear
+when the file is written: the daemon must, in the sandbox, under seccomp.
 """
 
 from __future__ import annotations
@@ -40,7 +49,32 @@ def fds_on(pid: int, path: Path) -> list[tuple[int, bool]]:
     return out
 
 
-def test_guest_use_of_a_fifo_and_a_device_never_opens_them_on_the_host(
+CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # v2: cap_net_raw
+MAPPED = "user.virtiofs.security.capability"
+
+
+def test_cve_2021_20263_guest_write_drops_a_remapped_capability(
+    tmp_path: Path, no_leftover_processes: None
+) -> None:
+    root = tmp_path / "share"
+    root.mkdir()
+    prog = root / "prog"
+    prog.write_bytes(b"#!/bin/sh\necho hi\n")
+    os.chmod(prog, 0o755)
+    os.setxattr(prog, MAPPED, CAP)
+    share = Share(root, "cap", backend="pyvirtiofsd",
+                  daemon_args=("--xattrmap", ":prefix:all::user.virtiofs.:"))  # fmt: skip
+    mp = share.guest_mountpoint
+    with Machine(MachineConfig(shares=[share]), name="cve-cap") as vm:
+        vm.agent.run(f"cat {mp}/prog > /dev/null && echo '# changed' >> {mp}/prog", check=True)
+        assert prog.read_bytes().endswith(b"# changed\n")
+        assert MAPPED not in os.listxattr(prog), "the guest still sees file capabilities"
+        (daemon,) = vm.daemons
+        assert children_of(daemon.process.pid), "the sandboxed daemon died (seccomp?)"
+        assert vm.agent.run(f"cat {mp}/prog", check=True).text.startswith("#!/bin/sh")
+
+
+def test_cve_2020_35517_guest_use_of_a_fifo_and_a_device_never_opens_them_on_the_host(
     tmp_path: Path, no_leftover_processes: None
 ) -> None:
     root = tmp_path / "share"
