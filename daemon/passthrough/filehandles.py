@@ -29,7 +29,6 @@ open by handle).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -44,7 +43,7 @@ MODES = ("never", "prefer", "mandatory")
 MAX_HANDLE_SZ = 128
 AT_EMPTY_PATH = 0x1000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc, as elsewhere
 _name_to_handle_at = _libc.name_to_handle_at
 _name_to_handle_at.argtypes = [
     ctypes.c_int,
