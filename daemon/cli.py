@@ -282,6 +282,12 @@ class _Refused(argparse.Action):
         parser.error(f"{option_string}: not supported by pyvirtiofsd: {self.reason}")
 
 
+def split_compat_options(text: str) -> list[str]:
+    """``-o`` split at single commas; ``,,`` is a literal comma, QEMU's escape,
+    which libvirt uses: ``-o source=/srv/a,,b`` shares ``/srv/a,b``."""
+    return [part.replace("\0", ",") for part in text.replace(",,", "\0").split(",")]
+
+
 class _Compat(argparse.Action):
     """virtiofsd's ``-o a=b,c,...``, folded into the other options as read
     (the same value checks, the same errors at start-up)."""
@@ -294,7 +300,7 @@ class _Compat(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         namespace.compat_options = True
-        for opt in str(values).split(","):
+        for opt in split_compat_options(str(values)):
             if not opt:
                 continue
             key, eq, value = opt.partition("=")
