@@ -30,7 +30,8 @@ Harnesses (an *input* is what the target decodes once):
   random.  Every reply is well-formed and within its room; after each
   episode nothing outside the share changed and no fd is left.
 
-Coverage is line coverage of the target's modules, measured with a
+Coverage is line coverage of the target modules' functions and methods
+(module and class bodies, run at import, are left out), measured with a
 ``sys.settrace`` tracer over the first ``--coverage`` inputs (the tracer
 costs ~10x; the rest of the run is untraced).  A failed invariant or an
 exception is a crash: the input is written to ``build/fuzz/crashes/`` and the
@@ -40,6 +41,7 @@ exit status is 1.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import logging
@@ -57,6 +59,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+CORPUS = Path(__file__).resolve().parent / "corpus"
 CRASH_DIR = Path(os.environ.get("PYVIRTIOFSD_BUILD_DIR", ROOT / "build")) / "fuzz" / "crashes"
 
 U32 = 0xFFFF_FFFF
@@ -88,8 +91,11 @@ class LineCoverage:
 
     @classmethod
     def _lines(cls, code: CodeType) -> set[int]:
-        out = {line for _, _, line in code.co_lines() if line is not None}
-        out.discard(code.co_firstlineno) if code.co_name == "<module>" else None
+        # function and method bodies only: module and class bodies run at
+        # import, which may have happened before the tracer started
+        out = set()
+        if code.co_flags & inspect.CO_OPTIMIZED:
+            out = {line for _, _, line in code.co_lines() if line is not None}
         for c in code.co_consts:
             if isinstance(c, CodeType):
                 out |= cls._lines(c)
@@ -221,7 +227,26 @@ def vhost_user_harness() -> Harness:
         if msg.fds or leaked:
             raise Crash(f"fds left: {msg.fds} {leaked}", (header, body, nfds, oversize))
 
+    # the kept corpus: a front-end's start-up and teardown, and a few refusals
+    seeds = [p.read_bytes() for p in sorted((CORPUS / "vhost-user").glob("*.bin"))]
+    fd_requests = ("SET_MEM_TABLE", "ADD_MEM_REG", "SET_VRING_KICK", "SET_VRING_CALL",
+                   "SET_VRING_ERR", "SET_BACKEND_REQ_FD")  # fmt: skip
+    with_fd = {int(FrontendReq[name]) for name in fd_requests}
+    replayed = [False]
+
+    def seed_message(data: bytes) -> tuple[Any, bytes, int]:
+        request, flags, _ = struct.unpack_from("<III", data)
+        body = data[HEADER_SIZE:]
+        return Header(request, flags, len(body)), body, int(request in with_fd)
+
     def batch(rng: random.Random) -> int:
+        if not replayed[0]:  # the corpus first, in order, on one handler
+            replayed[0] = True
+            handler = VhostUserHandler(RecordingDevice())
+            for data in seeds:
+                deliver(handler, *seed_message(data), False)
+            handler.disconnected()
+            return len(seeds)
         device = RecordingDevice()
         mode = rng.choice(("ok", "ok", "fail", "crash"))
         if mode != "ok":
@@ -230,10 +255,17 @@ def vhost_user_harness() -> Harness:
         handler = VhostUserHandler(device)
         if rng.random() < 0.25:  # raw bytes, after a handshake
             _handshake(handler)
-            data = rng.randbytes(rng.randint(HEADER_SIZE, 400))
-            request, flags, _ = struct.unpack_from("<III", data)
-            body = data[HEADER_SIZE:]
-            deliver(handler, Header(request, flags, len(body)), body, 0, False)
+            if seeds and rng.random() < 0.5:  # a corpus message with flipped bytes
+                data = bytearray(rng.choice(seeds))
+                for _ in range(rng.randint(1, 4)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                header, body, nfds = seed_message(bytes(data))
+                deliver(handler, header, body, nfds, False)
+            else:
+                data = rng.randbytes(rng.randint(HEADER_SIZE, 400))
+                request, flags, _ = struct.unpack_from("<III", data)
+                body = data[HEADER_SIZE:]
+                deliver(handler, Header(request, flags, len(body)), body, 0, False)
             stats["raw"] += 1
             n = 1
         else:
@@ -341,18 +373,27 @@ def dma_harness() -> Harness:
             raise Crash("write past the writable part accepted", segs)
         return 1
 
+    # the kept corpus (each check's failure, and a regression of this harness)
+    seeds = json.loads((CORPUS / "dma" / "tables.json").read_text())
+
     def batch(rng: random.Random) -> int:
+        if seeds:  # the corpus first, one table per input
+            case = seeds.pop(0)
+            ring = [tuple(d) for d in case["ring"]]
+            table = [tuple(d) for d in case["table"]]
+            heads = list(case["heads"])
+        else:
+            ring = [desc(rng, 2 * SIZE) for _ in range(SIZE)]
+            table = [desc(rng, TABLE_ENTRIES + 2) for _ in range(TABLE_ENTRIES)]
+            heads = [rng.randint(0, 2 * SIZE) for _ in range(rng.randint(1, SIZE))]
         ram.write(0, bytes(0x3000))
         vq = VirtQueue(mem, 0)
         q = SplitQueueBuilder(ram, 0x0, 0x1000, 0x2000, SIZE)
         q.configure(vq)
-        ring = [desc(rng, 2 * SIZE) for _ in range(SIZE)]
         for i, d in enumerate(ring):
             q.write_desc(i, *d)
-        table = [desc(rng, TABLE_ENTRIES + 2) for _ in range(TABLE_ENTRIES)]
         ram.write(TABLE_GPA, b"".join(q.pack_desc(*d) for d in table))
         ram.write(0x9000, pattern[:4096])
-        heads = [rng.randint(0, 2 * SIZE) for _ in range(rng.randint(1, SIZE))]
         for h in heads:
             q.publish(h)
         try:
@@ -615,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cov = LineCoverage(TARGETS[args.harness]) if args.coverage else None
-    if cov is not None:  # the targets' import-time lines (def, class) count too
+    if cov is not None:  # what the targets run while the harness sets up counts too
         cov.start()
     h = HARNESSES[args.harness]()
     if cov is not None:
