@@ -112,9 +112,39 @@ class GuestDomain:
     agent_socket: Path  # we listen; QEMU connects (virtio-serial port)
     agent_port_name: str
     console_log: Path
+    # The daemon's settings libvirt turns into arguments (None: not in the XML).
+    fs_cache: str | None = None  # <cache mode=...>: -o ...,cache=MODE
+    fs_sandbox: str | None = None  # <sandbox mode=...>: -o ...,sandbox=MODE
+    fs_xattr: bool | None = None  # <binary xattr=on|off>: -o ...,[no_]xattr
+    fs_locks: bool | None = None  # <lock posix flock>: -o ...,[no_]flock,[no_]posix_lock
+    fs_thread_pool: int | None = None  # <thread_pool size=N>: --thread-pool-size=N
     memory_mib: int = 512
     cpus: int = 2
     emulator: str = "/usr/bin/qemu-system-x86_64"
+
+
+def binary_xml(d: GuestDomain) -> str:
+    """The ``<binary>`` element (empty when it would say nothing)."""
+
+    def onoff(v: bool) -> str:
+        return "on" if v else "off"
+
+    attrs = "" if d.fs_binary is None else f" path={quoteattr(str(d.fs_binary))}"
+    if d.fs_xattr is not None:
+        attrs += f" xattr='{onoff(d.fs_xattr)}'"
+    children = []
+    if d.fs_cache is not None:
+        children.append(f"<cache mode={quoteattr(d.fs_cache)}/>")
+    if d.fs_sandbox is not None:
+        children.append(f"<sandbox mode={quoteattr(d.fs_sandbox)}/>")
+    if d.fs_locks is not None:
+        children.append(f"<lock posix='{onoff(d.fs_locks)}' flock='{onoff(d.fs_locks)}'/>")
+    if d.fs_thread_pool is not None:
+        children.append(f"<thread_pool size='{d.fs_thread_pool}'/>")
+    if not attrs and not children:
+        return ""
+    inner = "".join(f"\n        {c}" for c in children)
+    return f"      <binary{attrs}>{inner}\n      </binary>\n"
 
 
 def domain_xml(d: GuestDomain) -> str:
@@ -127,7 +157,7 @@ def domain_xml(d: GuestDomain) -> str:
     def a(v: object) -> str:
         return quoteattr(str(v))
 
-    binary = "" if d.fs_binary is None else f"      <binary path={a(d.fs_binary)}/>\n"
+    binary = binary_xml(d)
     return f"""\
 <domain type='qemu'>
   <name>{t(d.name)}</name>

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,8 +92,9 @@ class LibvirtGuests:
         )
         return kernel_cmdline(spec)
 
-    def boot(self, name: str, share: Path, *, binary: Path | None) -> Boot:
-        """Define and start domain ``name``; wait for the guest agent."""
+    def boot(self, name: str, share: Path, *, binary: Path | None, **fs: Any) -> Boot:
+        """Define and start domain ``name``; wait for the guest agent.
+        ``fs``: the daemon's settings in the XML (GuestDomain's ``fs_*``)."""
         dom = GuestDomain(
             name=name,
             kernel=self.kernel,
@@ -104,6 +106,7 @@ class LibvirtGuests:
             agent_socket=self.agent_socket,
             agent_port_name=AGENT_PORT_NAME,
             console_log=self.run_dir / f"{name}-console.log",
+            **fs,
         )
         xml = self.run_dir / f"{name}.xml"
         xml.write_text(domain_xml(dom))
@@ -157,7 +160,15 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtGuests]:
 @pytest.fixture(scope="module")
 def first_boot(guests: LibvirtGuests, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boot]:
     share = tmp_path_factory.mktemp("lvshare")
-    boot = guests.boot("pva-libvirt", share, binary=DAEMON)
+    boot = guests.boot(
+        "pva-libvirt",
+        share,
+        binary=DAEMON,
+        fs_cache="always",
+        fs_xattr=True,
+        fs_locks=True,
+        fs_thread_pool=2,
+    )
     print(f"\nguest up under libvirt in {boot.seconds:.1f} s")
     try:
         yield boot
@@ -190,7 +201,16 @@ def test_libvirt_starts_pyvirtiofsd_with_its_own_arguments(
     assert argv[1:2] == [str(DAEMON)], argv  # the venv's script, under its interpreter
     fd_args = [a for a in argv if a.startswith("--fd=")]
     assert len(fd_args) == 1, argv
-    assert argv[argv.index("-o") + 1].split(",")[0] == f"source={first_boot.share}"
+    # every setting of the XML, in libvirt's order
+    assert (
+        argv[argv.index("-o") + 1]
+        == f"source={first_boot.share},cache=always,xattr,flock,posix_lock"
+    )
+    assert "--thread-pool-size=2" in argv
+    # ... and the daemon serves with them (its log is libvirt's fs0-virtiofsd.log)
+    fs_log = guests.daemon.host_path(f"/var/log/libvirt/qemu/{first_boot.name}-fs0-virtiofsd.log")
+    serving = [ln for ln in fs_log.read_text().splitlines() if " serving " in ln]
+    assert serving and all(w in serving[-1] for w in ("cache=always", "xattr", "flock")), serving
     # The fd libvirt passed is the vhost-user socket it bound, and QEMU is
     # connected to it: the server holds the listener and a connection.
     fd = int(fd_args[0].removeprefix("--fd="))
@@ -242,11 +262,12 @@ def test_discovered_daemon_and_virsh_destroy_leaves_none(
     # A comma in the path: libvirt escapes it, the daemon must unescape it.
     share = tmp_path_factory.mktemp("lv,discovered")
     (share / "marker").write_text("discovered\n")
-    boot = guests.boot("pva-libvirt-discovered", share, binary=None)
+    boot = guests.boot("pva-libvirt-discovered", share, binary=None, fs_sandbox="chroot")
     try:
         print(f"\nsecond guest (discovered binary) up in {boot.seconds:.1f} s")
         procs = daemons_of(share)
         assert procs and all(argv[1] == str(DAEMON) for argv in procs.values()), procs
+        assert all("sandbox=chroot" in argv[argv.index("-o") + 1] for argv in procs.values())
         print(f"libvirt started (discovered): {shlex.join(next(iter(procs.values())))}")
         boot.agent.run(f"mkdir -p /mnt/{TAG} && mount -t virtiofs {TAG} /mnt/{TAG}", check=True)
         assert boot.agent.read_file(f"/mnt/{TAG}/marker") == b"discovered\n"
