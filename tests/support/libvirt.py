@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -232,6 +233,10 @@ class Libvirtd:
         return Path(path)
 
     def start(self, timeout: float = 60.0) -> None:
+        if not Path(LIBVIRTD).exists() or shutil.which(VIRSH) is None:
+            raise LibvirtError(
+                f"{LIBVIRTD} or {VIRSH} is missing: run scripts/install-system-deps.sh (make deps)"
+            )
         for sub in BIND_DIRS.values():
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -53,11 +53,6 @@ BOOT_TIMEOUT = 180.0
 DAEMON = Path(sys.executable).with_name("pyvirtiofsd")
 SHIPPED_DESCRIPTOR = Path(__file__).resolve().parents[2] / "daemon" / "data" / "50-pyvirtiofsd.json"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("virsh") is None or not Path("/usr/sbin/libvirtd").exists(),
-    reason="libvirt is not installed: run scripts/install-system-deps.sh (make deps)",
-)
-
 
 @dataclass
 class Boot:
