@@ -130,10 +130,11 @@ def test_completions_without_a_call_are_counted(
         res = run([q], duration=60, max_ops=3).check()
     finally:
         dev.close()
-    # each reply is found only when the bounded wait runs out (the first one
-    # may already be there before the loop first waits)
+    # no reply is signalled; those the loop finds after a bounded wait ran out
+    # are counted as unsignalled (on a loaded host the device may answer one
+    # before the loop gets to wait, so not necessarily all three)
     assert (res.total, res.calls) == (3, 0)
-    assert res.unsignalled in (2, 3)
+    assert 1 <= res.unsignalled <= 3
 
 
 def test_wrong_unique_is_caught(fake_queue: tuple[QueueDriver, int, int]) -> None:

@@ -12,6 +12,7 @@ runners answering GETATTR/LOOKUP in C).
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import struct
@@ -217,6 +218,7 @@ def test_concurrent_borrows_evictions_and_forgets_with_the_mirror(share: Path) -
     with the fast path's mirror attached: every answer names the right inode,
     counts stay exact and no fd leaks."""
     inos = make_tree(share, dirs=4, per_dir=25)
+    gc.collect()  # earlier tests' unreachable objects may still hold fds
     baseline = open_fds()
     fs = PassthroughFs(share, inode_file_handles="prefer", inode_fds=4)
     fp = FastPath()
@@ -249,6 +251,7 @@ def test_concurrent_borrows_evictions_and_forgets_with_the_mirror(share: Path) -
     assert fs.inodes.evictions > 0
     fs.close()
     del fp
+    gc.collect()
     assert open_fds() == baseline
 
 
