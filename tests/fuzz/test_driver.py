@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,13 @@ def test_harness_finds_nothing(harness: str, request: pytest.FixtureRequest) -> 
     argv += ["--json", str(out), "--seed", os.environ.get("PYVIRTIOFSD_FUZZ_SEED", "1")]
     if SECONDS:
         argv += ["--seconds", SECONDS]
+    # A fresh interpreter (the sanitizer environment is inherited): code an
+    # earlier test ran once (first-use set-up) would be missing from coverage.
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
-        rc = driver.main(argv)
+        rc = subprocess.run(
+            [sys.executable, "-m", "tests.fuzz.driver", *argv], cwd=driver.ROOT
+        ).returncode
     figures = json.loads(out.read_text())
     assert figures["crashes"] == 0 and rc == 0, figures
     if not SECONDS:
