@@ -711,6 +711,10 @@ def _run(args: argparse.Namespace) -> int:
         "crashes": crashes,
         "coverage": cov.summary() if cov else None,
         "coverage_over_inputs": traced_inputs,
+        # which C core ran: sanitize.sh's ASan + UBSan build or the plain one
+        "c_core": os.path.relpath(sys.modules["pyvirtiofsd.dma._core"].__file__ or "?", ROOT)
+        if "pyvirtiofsd.dma._core" in sys.modules
+        else None,
         **h.extra,
     }
     print(json.dumps(figures, indent=1))
