@@ -29,10 +29,12 @@ from .paths import GUEST_SRC_DIR, build_dir
 BUSYBOX = Path("/bin/busybox")
 AGENT_SOURCE = GUEST_SRC_DIR / "agent.c"
 UEVENT_WAIT_SOURCE = GUEST_SRC_DIR / "uevent-wait.c"
+ACPI_POWERD_SOURCE = GUEST_SRC_DIR / "acpi-powerd.c"
 #: Static C programs of the guest: install path -> source.
 GUEST_PROGRAMS = {
     "sbin/pva-agent": AGENT_SOURCE,
     "sbin/pva-uevent-wait": UEVENT_WAIT_SOURCE,
+    "sbin/pva-acpid": ACPI_POWERD_SOURCE,
 }
 RECIPE_VERSION = "1"
 
