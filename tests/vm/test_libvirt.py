@@ -12,7 +12,8 @@ The harness reaches the guest over the same agent channel as ``vm.machine``:
 a ``<channel type='unix'>`` in connect mode whose socket the test listens on.
 
 Two boots: the first (``<binary>`` given) serves the file tests and ends by
-the guest powering itself off; the second (binary discovered) ends by
+``virsh shutdown`` (the ACPI power button, which the guest's ``pva-acpid``
+answers with a clean poweroff); the second (binary discovered) ends by
 ``virsh destroy``. After each no pyvirtiofsd process is left.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtiofsd.vm.agent import AgentError, GuestAgent
+from pyvirtiofsd.vm.agent import GuestAgent
 from pyvirtiofsd.vm.initramfs import build_initramfs
 from pyvirtiofsd.vm.kernel import build_kernel
 from pyvirtiofsd.vm.machine import resolve_kernel_version
@@ -50,6 +51,7 @@ from tests.support.libvirt import (
 
 TAG = "lvshare"
 BOOT_TIMEOUT = 180.0
+SHUTDOWN_TIMEOUT = 90.0  # virsh shutdown to "shut off": ~3 s on an idle host
 DAEMON = Path(sys.executable).with_name("pyvirtiofsd")
 SHIPPED_DESCRIPTOR = Path(__file__).resolve().parents[2] / "daemon" / "data" / "50-pyvirtiofsd.json"
 
@@ -235,18 +237,48 @@ def test_guest_mounts_tag_and_host_sees_writes(first_boot: Boot) -> None:
     assert sorted(listing) == ["from-guest", "from-host"]
 
 
-def test_guest_poweroff_leaves_no_daemon(guests: LibvirtGuests, first_boot: Boot) -> None:
-    assert daemons_of(first_boot.share), "the daemon should be serving before power-off"
-    # tinyconfig guests do not power off: reboot -f, with <on_reboot>destroy.
-    # The agent's channel closes when QEMU exits: that is the reply.
-    with pytest.raises(AgentError, match="closed"):
-        first_boot.agent.run("reboot -f", timeout=60)
-    guests.daemon.wait_state(first_boot.name, "shut off", timeout=60)
+def test_virsh_shutdown_leaves_no_daemon(guests: LibvirtGuests, first_boot: Boot) -> None:
+    name, agent = first_boot.name, first_boot.agent
+    assert daemons_of(first_boot.share), "the daemon should be serving before the shutdown"
+    # The share is mounted (so the clean shutdown has something to unmount)
+    # and the guest's power-button listener (vm/guest/acpi-powerd.c) is up.
+    agent.run(
+        f"grep -q ' /mnt/{TAG} virtiofs ' /proc/mounts || {{ mkdir -p /mnt/{TAG} && "
+        f"mount -t virtiofs {TAG} /mnt/{TAG}; }}",
+        check=True,
+    )
+    agent.run(
+        "i=0; until [ -e /run/pva-acpid.listening ]; do "
+        "i=$((i+1)); [ $i -ge 300 ] && exit 1; sleep 0.1; done",
+        timeout=60,
+        check=True,
+    )
+    # No qemu-guest-agent channel: libvirt presses the ACPI power button.
+    pressed = time.monotonic()
+    guests.daemon.virsh("shutdown", name, timeout=60)
+    console = guests.run_dir / f"{name}-console.log"
+    try:
+        guests.daemon.wait_state(name, "shut off", timeout=SHUTDOWN_TIMEOUT)
+    except LibvirtError as e:
+        tail = console.read_text(errors="replace")[-3000:]
+        raise AssertionError(
+            f"virsh shutdown: the guest did not power off ({e}); console:\n{tail}"
+        ) from None
+    print(f"\nvirsh shutdown to 'shut off': {time.monotonic() - pressed:.1f} s")
+    reason = guests.daemon.virsh("domstate", "--reason", name).strip()
+    assert reason == "shut off (shutdown)", reason
+    text = console.read_text(errors="replace")
+    assert "pva-acpid: power button: powering off" in text, text[-3000:]
+    assert "reboot: Power down" in text, text[-3000:]
+    # The guest unmounted the share on its way down: the daemon saw FUSE_DESTROY.
+    fs_log = guests.daemon.host_path(f"/var/log/libvirt/qemu/{name}-fs0-virtiofsd.log")
+    assert "FUSE session destroyed" in fs_log.read_text(), fs_log.read_text()[-3000:]
+    # libvirt reaps the daemon (or it exits on QEMU's disconnect) shortly after.
     deadline = time.monotonic() + 15
     while (left := daemons_of(first_boot.share)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not left, f"pyvirtiofsd left behind after the guest powered off: {left}"
-    guests.daemon.virsh("undefine", first_boot.name)
+    assert not left, f"pyvirtiofsd left behind after virsh shutdown: {left}"
+    guests.daemon.virsh("undefine", name)
 
 
 def test_discovered_daemon_and_virsh_destroy_leaves_none(
