@@ -1,4 +1,4 @@
-"""The FUSE wire format, protocol 7.37 (Linux 6.1 ``include/uapi/linux/fuse.h``).
+"""The FUSE wire format, protocol 7.38 (Linux ``include/uapi/linux/fuse.h``).
 
 Every structure is a :class:`typing.NamedTuple` paired with a :class:`Layout`
 (its ``struct`` format).  All structures are little-endian: virtio-fs carries
@@ -17,9 +17,12 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from .errors import MalformedRequest
 
-#: Protocol version we implement (Linux 6.1).
+#: Protocol version we implement: 7.37 (Linux 6.1) plus 7.38's request
+#: extensions (``total_extlen``, FUSE_EXT_GROUPS, FUSE_CREATE_SUPP_GROUP;
+#: Linux 6.2+).  7.38's other additions are replies a daemon may use
+#: (FOPEN_PARALLEL_DIRECT_WRITES, EXPIRE_ONLY notifications); we do not.
 KERNEL_VERSION = 7
-KERNEL_MINOR_VERSION = 37
+KERNEL_MINOR_VERSION = 38
 #: Oldest minor we accept: 7.27 is where every structure we use reached its
 #: current size (fuse_init_out's 64 bytes since 7.23, READDIRPLUS since 7.21),
 #: which keeps the encoders free of per-version variants.
@@ -121,6 +124,7 @@ class InitFlag(enum.IntFlag):
     INIT_RESERVED = 1 << 31
     SECURITY_CTX = 1 << 32
     HAS_INODE_DAX = 1 << 33
+    CREATE_SUPP_GROUP = 1 << 34  # 7.38: FUSE_EXT_GROUPS on creations
 
 
 class OpenOutFlag(enum.IntFlag):
@@ -206,6 +210,7 @@ class InHeader(NamedTuple):
     uid: int
     gid: int
     pid: int
+    total_extlen: int  # 7.38: request extensions at the end, in 8-byte units
     padding: int
 
 
@@ -215,7 +220,7 @@ class OutHeader(NamedTuple):
     unique: int
 
 
-IN_HEADER = Layout(InHeader, "<IIQQIIII")
+IN_HEADER = Layout(InHeader, "<IIQQIIIHH")
 OUT_HEADER = Layout(OutHeader, "<IiQ")
 
 
@@ -655,6 +660,47 @@ def encode_dirent(ino: int, off: int, dtype: int, name: bytes) -> bytes:
 
 def encode_direntplus(entry: EntryOut, ino: int, off: int, dtype: int, name: bytes) -> bytes:
     return entry.encode() + encode_dirent(ino, off, dtype, name)
+
+
+# --- request extensions (7.38) ------------------------------------------------
+
+#: ``total_extlen`` counts 8-byte units; every extension record is that aligned.
+EXT_ALIGN = 8
+#: fuse_ext_header: ``size`` (of the whole record, header included), ``type``.
+EXT_HEADER = struct.Struct("<II")
+#: Types 0..FUSE_MAX_NR_SECCTX are a fuse_secctx_header's ``nr_secctx``.
+FUSE_MAX_NR_SECCTX = 31
+FUSE_EXT_GROUPS = 32
+
+
+def decode_ext_groups(ext: bytes) -> tuple[int, ...] | None:
+    """The groups of the FUSE_EXT_GROUPS record in ``ext`` (a request's
+    extensions), or None when there is none; other types are skipped.
+
+    Malformed (MalformedRequest): a record shorter than its header, not a
+    multiple of 8 bytes or running past ``ext``; two group records; a
+    ``nr_groups`` that does not fill its record (``fuse_ext_size``: header,
+    count and groups rounded up to 8).
+    """
+    groups: tuple[int, ...] | None = None
+    pos = 0
+    while pos < len(ext):
+        if len(ext) - pos < EXT_HEADER.size:
+            raise MalformedRequest(f"{len(ext) - pos} bytes left for a fuse_ext_header")
+        size, kind = EXT_HEADER.unpack_from(ext, pos)
+        if size < EXT_HEADER.size or size % EXT_ALIGN or size > len(ext) - pos:
+            raise MalformedRequest(f"extension of {size} bytes at {pos} (of {len(ext)})")
+        if kind == FUSE_EXT_GROUPS:
+            if groups is not None:
+                raise MalformedRequest("two FUSE_EXT_GROUPS extensions")
+            payload = ext[pos + EXT_HEADER.size : pos + size]
+            (count,) = struct.unpack_from("<I", payload)
+            want = EXT_HEADER.size + 4 + 4 * count
+            if -(-want // EXT_ALIGN) * EXT_ALIGN != size:
+                raise MalformedRequest(f"FUSE_EXT_GROUPS of {count} groups in {size} bytes")
+            groups = struct.unpack_from(f"<{count}I", payload, 4)
+        pos += size
+    return groups
 
 
 # --- encoders for old-kernel compatibility ---------------------------------

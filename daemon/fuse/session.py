@@ -25,6 +25,19 @@ falls back):
 * GETXATTR/SETXATTR/LISTXATTR/REMOVEXATTR when the filesystem was built
   without ``xattr`` (the guest remembers and stops asking);
 * any opcode this table does not know.
+
+Request extensions (7.38): ``fuse_in_header.total_extlen`` 8-byte units at
+the end of a request are a chain of ``fuse_ext_header`` records, split off
+before the handler sees the body (any opcode; a WRITE's payload ends before
+them).  Unknown types (and a security context, types 0..31, which we never
+negotiate) are skipped by their size.  FUSE_EXT_GROUPS, which the kernel
+attaches to CREATE/MKNOD/MKDIR/SYMLINK when FUSE_CREATE_SUPP_GROUP was
+negotiated, is exactly one group (the parent directory's, when the caller is
+in it but it is not the fsgid); the handler's thread sees it in host ids
+through :func:`supplied_groups`.  Anything else -- a length past the
+request, a record not 8-byte sized or overrunning, two group records, a
+group count other than one, groups on another opcode or without the flag
+-- is EINVAL with a warning.
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from .errors import (
 )
 from .filesystem import Filesystem, LockWait, RequestContext
 
-__all__ = ["SUPPORTED_INIT_FLAGS", "FuseSession", "RequestChain"]
+__all__ = ["SUPPORTED_INIT_FLAGS", "FuseSession", "RequestChain", "supplied_groups"]
 
 logger = logging.getLogger("pyvirtiofsd.fuse")
 
@@ -57,6 +70,21 @@ _OUT = abi.OUT_HEADER.size
 MAX_BODY = (1 << 16) + 2 * 4096 + 256
 #: INTERRUPTs remembered for requests not seen yet (see ``_interrupt``).
 _EARLY_INTERRUPTS = 64
+#: The requests the kernel attaches FUSE_EXT_GROUPS to (``get_create_ext``).
+_CREATING = frozenset({Opcode.CREATE, Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK, Opcode.TMPFILE})
+
+
+class _Supplied(threading.local):
+    groups: tuple[int, ...] | None = None
+
+
+_supplied = _Supplied()
+
+
+def supplied_groups() -> tuple[int, ...] | None:
+    """The supplementary groups (host ids) the guest sent with the request
+    this thread is serving (FUSE_EXT_GROUPS on a creation), else None."""
+    return _supplied.groups
 
 
 class FastPathSwitch(Protocol):
@@ -97,8 +125,9 @@ _Handler = Callable[["FuseSession", InHeader, bytes, RequestChain], Reply]
 
 #: What this session can serve, offered to the filesystem at INIT (ANDed
 #: with what the guest offers); the filesystem picks what it wants
-#: (:meth:`~.filesystem.Filesystem.init`).  Not here: INIT_EXT and what
-#: needs it (flags2: DAX, security contexts, SETXATTR_EXT), SPLICE_* (no
+#: (:meth:`~.filesystem.Filesystem.init`).  Of flags2 only
+#: CREATE_SUPP_GROUP (7.38+; INIT_EXT is set in the reply when a flags2 bit
+#: is chosen).  Not here: DAX, security contexts, SETXATTR_EXT, SPLICE_* (no
 #: pipes over virtio), HANDLE_KILLPRIV v1, EXPORT_SUPPORT, POSIX_ACL,
 #: DONT_MASK, EXPLICIT_INVAL_DATA.
 SUPPORTED_INIT_FLAGS = (
@@ -117,6 +146,7 @@ SUPPORTED_INIT_FLAGS = (
     | InitFlag.CACHE_SYMLINKS
     | InitFlag.WRITEBACK_CACHE
     | InitFlag.SUBMOUNTS
+    | InitFlag.CREATE_SUPP_GROUP
 )
 
 
@@ -247,7 +277,19 @@ class FuseSession:
                 hdr.opcode,
             )
             return self._send(chain, hdr.unique, -errno.EINVAL, b"")
-        body_len = hdr.len - abi.IN_HEADER.size
+        ext_len = hdr.total_extlen * abi.EXT_ALIGN
+        ext: bytes | MalformedRequest = b""
+        if ext_len > hdr.len - abi.IN_HEADER.size or ext_len > MAX_BODY:
+            ext = MalformedRequest(
+                f"total_extlen {hdr.total_extlen} (x8) past the {hdr.len}-byte request"
+            )
+            ext_len = 0
+        elif ext_len:
+            ext = chain.read(hdr.len - ext_len, ext_len)
+            if len(ext) != ext_len:
+                logger.warning("chain returned %d of %d extension bytes", len(ext), ext_len)
+                return self._send(chain, hdr.unique, -errno.EIO, b"")
+        body_len = hdr.len - abi.IN_HEADER.size - ext_len
         if hdr.opcode == Opcode.WRITE:
             # The payload stays in guest memory: pwritev reads it from the chain.
             body_len = min(body_len, abi.WRITE_IN.size)
@@ -258,10 +300,14 @@ class FuseSession:
         if len(body) != body_len:
             logger.warning("chain returned %d of %d body bytes", len(body), body_len)
             return self._send(chain, hdr.unique, -errno.EIO, b"")
-        return self._dispatch(hdr, body, chain)
+        return self._dispatch(hdr, body, chain, ext)
 
-    def _dispatch(self, hdr: InHeader, body: bytes, chain: RequestChain) -> int:
-        """Run the handler; the one place where failures become errno replies."""
+    def _dispatch(
+        self, hdr: InHeader, body: bytes, chain: RequestChain, ext: bytes | MalformedRequest = b""
+    ) -> int:
+        """Run the handler; the one place where failures become errno replies.
+
+        ``ext``: the request's extensions (or why they are malformed)."""
         no_reply = hdr.opcode in (Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT)
         try:
             handler = _HANDLERS.get(hdr.opcode)
@@ -269,7 +315,13 @@ class FuseSession:
                 raise UnsupportedOperation(f"opcode {hdr.opcode} not supported")
             if not self.initialized and hdr.opcode != Opcode.INIT:
                 raise NotInitialized(f"opcode {hdr.opcode} before INIT")
-            reply = handler(self, hdr, body, chain)
+            if isinstance(ext, MalformedRequest):
+                raise ext
+            _supplied.groups = self._ext_groups(hdr, ext) if ext else None
+            try:
+                reply = handler(self, hdr, body, chain)
+            finally:
+                _supplied.groups = None
         except FuseError as exc:
             if isinstance(exc, MalformedRequest):
                 logger.warning("malformed request (opcode %d): %s", hdr.opcode, exc)
@@ -317,6 +369,21 @@ class FuseSession:
     def _room(chain: RequestChain) -> int:
         """Payload bytes the writable part can take after the header."""
         return max(chain.writable_len - _OUT, 0)
+
+    def _ext_groups(self, hdr: InHeader, ext: bytes) -> tuple[int, ...] | None:
+        """FUSE_EXT_GROUPS of ``ext``, checked, in host ids (see the module doc)."""
+        groups = abi.decode_ext_groups(ext)
+        if groups is None:
+            return None
+        if hdr.opcode not in _CREATING:
+            raise MalformedRequest(f"FUSE_EXT_GROUPS on opcode {hdr.opcode}")
+        if not self.flags & InitFlag.CREATE_SUPP_GROUP:
+            raise MalformedRequest("FUSE_EXT_GROUPS without FUSE_CREATE_SUPP_GROUP")
+        if len(groups) != 1:
+            raise MalformedRequest(f"FUSE_EXT_GROUPS with {len(groups)} groups, not 1")
+        if not self._translate:
+            return groups
+        return tuple(self.ids.gid.to_host(g) for g in groups)
 
     # --- ids (--translate-uid / --translate-gid) -------------------------------
 
@@ -374,10 +441,14 @@ class FuseSession:
             offered = init.flags
             if init.flags & InitFlag.INIT_EXT:
                 offered |= init.flags2 << 32
+            if minor < 38:  # request extensions came with 7.38
+                offered &= ~InitFlag.CREATE_SUPP_GROUP
             if self.init_flags is not None:
                 flags = InitFlag(offered & self.init_flags)
             else:
                 flags = InitFlag(self.fs.init(InitFlag(offered & SUPPORTED_INIT_FLAGS)) & offered)
+            if int(flags) >> 32:  # the kernel reads flags2 only with INIT_EXT
+                flags |= InitFlag.INIT_EXT
             max_pages = self.max_pages if flags & InitFlag.MAX_PAGES else 0
             out = InitOut(
                 major=abi.KERNEL_VERSION,
@@ -631,10 +702,9 @@ class FuseSession:
     def _write(self, hdr: InHeader, body: bytes, chain: RequestChain) -> Reply:
         arg = abi.WRITE_IN.decode(body)
         start = abi.IN_HEADER.size + abi.WRITE_IN.size
-        if arg.size > hdr.len - start:
-            raise MalformedRequest(
-                f"WRITE of {arg.size} bytes carries {hdr.len - start} payload bytes"
-            )
+        end = hdr.len - hdr.total_extlen * abi.EXT_ALIGN  # extensions follow the payload
+        if arg.size > end - start:
+            raise MalformedRequest(f"WRITE of {arg.size} bytes carries {end - start} payload bytes")
 
         def source(fd: int, file_offset: int, length: int) -> int:
             return chain.pwritev(fd, file_offset, length, start)

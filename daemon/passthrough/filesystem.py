@@ -58,6 +58,7 @@ from .. import config as config_mod
 from .. import procfs
 from ..fuse import abi
 from ..fuse import filesystem as fuse_fs
+from ..fuse import session as fuse_session
 from ..fuse.abi import (
     ROOT_ID,
     Attr,
@@ -107,6 +108,9 @@ logger = logging.getLogger("pyvirtiofsd.passthrough")
 #:   SETATTR(mode) sent as the writer, which a non-owner may not do.
 #: * MAX_PAGES: honour the session's max_pages (and so large READs/WRITEs).
 #: * CACHE_SYMLINKS: a symlink's target never changes without a new inode.
+#: * CREATE_SUPP_GROUP (7.38, flags2): a creation in a directory whose group
+#:   is a supplementary group of the caller carries that group, so a
+#:   requested S_ISGID survives as on a local disk (``_groups``).
 #:
 #: By option only: POSIX_LOCKS / FLOCK_LOCKS (``posix_locks``/``flock``,
 #: virtiofsd's no_posix_lock/no_flock defaults: without them the guest
@@ -115,8 +119,9 @@ logger = logging.getLogger("pyvirtiofsd.passthrough")
 #: SUBMOUNTS (``announce_submounts``).  Never: HANDLE_KILLPRIV (v1: kill on
 #: every write, even by a caller with CAP_FSETID), DONT_MASK (the guest
 #: applies the umask; we create with exactly the mode it sends),
-#: EXPORT_SUPPORT (we refuse lookups of ``.``/``..``), POSIX_ACL, INIT_EXT
-#: (nothing in flags2 is wanted: no DAX, no security context), SETXATTR_EXT
+#: EXPORT_SUPPORT (we refuse lookups of ``.``/``..``), POSIX_ACL, the
+#: rest of flags2 (no DAX, no security context; the session sets INIT_EXT
+#: when a flags2 bit is chosen), SETXATTR_EXT
 #: (needs INIT_EXT), SPLICE_* (meaningless over virtio), EXPLICIT_INVAL_DATA
 #: (contradicts AUTO).
 WANTED_INIT_FLAGS = (
@@ -131,6 +136,7 @@ WANTED_INIT_FLAGS = (
     | InitFlag.HANDLE_KILLPRIV_V2
     | InitFlag.MAX_PAGES
     | InitFlag.CACHE_SYMLINKS
+    | InitFlag.CREATE_SUPP_GROUP
 )
 
 #: Flags of the guest's open(2) passed on to the host: access mode, append,
@@ -457,7 +463,11 @@ class PassthroughFs:
         return oscalls.caller_credentials(ctx.uid, ctx.gid)
 
     def _groups(self, ctx: RequestContext) -> tuple[int, ...] | None:
-        return None if self.caller_groups is None else self.caller_groups(ctx.pid)
+        """The caller's supplementary groups where known: all of them on the
+        host mount, the one FUSE_EXT_GROUPS sent with a virtio creation."""
+        if self.caller_groups is not None:
+            return self.caller_groups(ctx.pid)
+        return fuse_session.supplied_groups()
 
     def _as_creator(self, ctx: RequestContext) -> AbstractContextManager[None]:
         """Make an inode: its owner is the caller (see :func:`.oscalls.creator_credentials`)."""

@@ -48,7 +48,9 @@ Credentials (the model; DESIGN.md has it opcode by opcode)
     Once per worker thread, the first time it switches, the thread drops its
     supplementary groups (raw ``setgroups(0, NULL)``): root's supplementary
     groups must never count for a caller.  ``groups`` (the host mount knows
-    them from ``/proc/<pid>/status``; a virtio guest does not send them)
+    them from ``/proc/<pid>/status``; a virtio guest sends at most the one
+    that matters for a creation, FUSE_CREATE_SUPP_GROUP: the parent
+    directory's group when the caller is in it but it is not its fsgid)
     are installed for one creation or kill and dropped again.
 
     When the daemon is not root (euid != 0) nothing is switched: files are

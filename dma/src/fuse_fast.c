@@ -858,6 +858,9 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 	h.nodeid = get64(raw + 16);
 	h.uid = get32(raw + 24);
 	h.gid = get32(raw + 28);
+	h.pid = get32(raw + 32);
+	memcpy(&h.total_extlen, raw + 36, 2);
+	memcpy(&h.padding, raw + 38, 2);
 	*opcode = h.opcode;
 	*unique = h.unique;
 	/* Acquire: pairs with pvd_fs_set_ready's release (settings published). */
@@ -866,6 +869,10 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 	if (h.len < IN_HEADER_SIZE || h.len > req->rlen)
 		return 0;
 	if (h.opcode != FUSE_WRITE && h.len - IN_HEADER_SIZE > MAX_BODY)
+		return 0;
+	/* Request extensions (7.38): Python splits and checks them; none of the
+	 * opcodes here carries one from Linux, so this is a hostile guest's. */
+	if (h.total_extlen)
 		return 0;
 	switch (h.opcode) {
 	case FUSE_LOOKUP:

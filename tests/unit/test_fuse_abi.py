@@ -31,7 +31,7 @@ def test_opcodes_and_flags() -> None:
     assert abi.Opcode.SYNCFS == 50 and abi.Opcode.TMPFILE == 51
     assert abi.InitFlag.MAX_PAGES == 1 << 22 and abi.InitFlag.INIT_EXT == 1 << 30
     assert abi.InitFlag.SECURITY_CTX == 1 << 32
-    assert (abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION) == (7, 37)
+    assert (abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION) == (7, 38)
 
 
 def test_decode_short_raises_malformed() -> None:

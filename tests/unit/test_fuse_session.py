@@ -92,7 +92,7 @@ def test_init_flags_are_masked_by_what_the_kernel_offers(client: FuseClient) -> 
 def test_init_newer_minor_gets_ours(client: FuseClient) -> None:
     reply = client.call(INIT, 0, init_body(minor=41))
     assert reply.ok
-    assert INIT_OUT.unpack(reply.payload)[:2] == (7, 37)
+    assert INIT_OUT.unpack(reply.payload)[:2] == (7, 38)
 
 
 def test_init_older_minor(client: FuseClient) -> None:
@@ -114,7 +114,7 @@ def test_init_major_8_answers_with_our_major_only(client: FuseClient) -> None:
     reply = client.call(INIT, 0, init_body(major=8, minor=0))
     assert reply.ok
     major, minor, *_rest = INIT_OUT.unpack(reply.payload)
-    assert (major, minor) == (7, 37)
+    assert (major, minor) == (7, 38)
     assert not client.session.initialized, "the kernel must send a new INIT"
     client.init()
     assert client.session.initialized
