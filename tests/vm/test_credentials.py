@@ -7,8 +7,10 @@ also in 65531; alice is in 65531 too; bob is not) once on ``/mnt/cr`` and once
 on a fresh tmpfs, and prints each step's exit status and then the tree (type,
 mode, owner, group, size).  The two outputs must be equal, line by line; a
 few lines are also checked on their own (the chgrp to a supplementary group
-succeeds and clears setuid/setgid; bob is refused), and the host sees the
-owners the guest saw.
+succeeds and clears setuid/setgid; bob is refused; S_ISGID asked for at
+creation in a setgid directory of a supplementary group stays, which needs
+FUSE_CREATE_SUPP_GROUP, so the 6.12 guest), and the host sees the owners the
+guest saw.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.vm.initramfs import build_agent
 from pyvirtiofsd.vm.machine import Machine, MachineConfig
 from pyvirtiofsd.vm.shares import Share
 
@@ -49,6 +52,16 @@ step sg-mknod carol 'mknod sg/p p'
 step sg-symlink carol 'ln -s f sg/s'
 step sg-link carol 'ln sg/f sg/h'
 step sg-chmod carol 'chmod 2755 sg/f'
+# S_ISGID asked for at creation (busybox mknod -m: umask 0, mknod(2) with the
+# mode, no chmod after): kept for a member of the directory's group, here
+# only a supplementary one (FUSE_CREATE_SUPP_GROUP sends it)
+step sg-mknod-2775 carol 'mknod -m 2775 sg/p2775 p'
+step sg-open-2775 carol '/tmp/mkmode sg/o2775 2775'
+step sg-cp-sgid carol 'cp sgid sg/cp-sgid'
+step sg-mkdir-2775 carol 'mkdir -m 2775 sg/d2775'
+step sg-alice-2775 alice 'mknod -m 2775 sg/pa2775 p'
+step grp-mknod-2775 carol 'mknod -m 2775 grp/p2775 p'
+step grp-open-2775 carol '/tmp/mkmode grp/o2775 2775'
 step sg-alice alice 'echo a > sg/alice && mkdir sg/alice-d'
 step sg-bob bob 'echo b > sg/bob'
 step rmdir carol 'rmdir sg/d2'
@@ -74,6 +87,23 @@ done
 stat -c 'mtime %n %Y' owned
 """
 
+#: ``mkmode PATH OCTAL``: open(PATH, O_CREAT | O_EXCL, OCTAL) with umask 0 and
+#: nothing after (busybox has no tool that creates a file with S_ISGID).
+MKMODE_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+	if (argc != 3)
+		return 2;
+	umask(0);
+	int fd = open(argv[1], O_WRONLY | O_CREAT | O_EXCL, (mode_t)strtol(argv[2], NULL, 8));
+	return fd < 0 ? 1 : close(fd);
+}
+"""
+
 M = "/mnt/cr"
 
 
@@ -83,9 +113,13 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Machine, P
     root.mkdir()
     os.chmod(root.parent, 0o755)
     os.chmod(root, 0o755)
+    source = tmp_path_factory.mktemp("mkmode") / "mkmode.c"
+    source.write_text(MKMODE_C)
+    mkmode = build_agent(source.parent, source)
     share = Share(root, "cr", backend="pyvirtiofsd")
     with Machine(MachineConfig(shares=[share]), name="credentials") as vm:
         vm.agent.write_file("/tmp/creds.sh", SCRIPT.encode())
+        vm.agent.write_file("/tmp/mkmode", mkmode.read_bytes(), mode=0o755)
         r = vm.agent.run(
             "mkdir -p /tmp/ref && mount -t tmpfs -o mode=0755 tmpfs /tmp/ref", timeout=30
         )
@@ -121,9 +155,20 @@ def test_supplementary_groups_and_setgid_match_tmpfs(guest: tuple[Machine, Path]
     # setgid directory: the group is inherited, a new directory is setgid too
     assert tree["./sg/f"][:3] == ["-rwxr-sr-x", "65533", "65531"], tree["./sg/f"]
     assert tree["./sg/d"][:3] == ["drwxr-sr-x", "65533", "65531"], tree["./sg/d"]
+    # S_ISGID asked for at creation by a member through a supplementary group
+    # (the 6.12 guest sends the group: FUSE_CREATE_SUPP_GROUP) stays
+    assert vm.kernel_version == "6.12"
+    for ok in ("sg-mknod-2775", "sg-open-2775", "sg-alice-2775", "grp-mknod-2775"):
+        assert steps[ok] == "0", (ok, steps)
+    assert tree["./sg/p2775"][:3] == ["prwxrwsr-x", "65533", "65531"], tree["./sg/p2775"]
+    assert tree["./sg/o2775"][:3] == ["-rwxrwsr-x", "65533", "65531"], tree["./sg/o2775"]
+    assert tree["./sg/pa2775"][:3] == ["prwxrwsr-x", "1000", "65531"], tree["./sg/pa2775"]
+    assert tree["./grp/p2775"][:3] == ["prwxrwsr-x", "65533", "65532"], tree["./grp/p2775"]
     # ... and the host holds the same owners the guest saw
     for name, uid, gid in (("grp/f", 65533, 65532), ("sg/f", 65533, 65531), ("suid", 65533, 65531)):
         st = os.lstat(root / "c1" / name)
         assert (st.st_uid, st.st_gid) == (uid, gid), name
     assert not os.stat(root / "c1/suid").st_mode & stat.S_ISUID
     assert os.stat(root / "c1/sg/d").st_mode & stat.S_ISGID
+    assert os.lstat(root / "c1/sg/p2775").st_mode & stat.S_ISGID
+    assert os.lstat(root / "c1/sg/o2775").st_mode & stat.S_ISGID
