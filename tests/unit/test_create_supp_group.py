@@ -403,3 +403,25 @@ async def test_fast_path_leaves_extensions_to_python(tmp_path: Path) -> None:
         assert err == -errno.EINVAL
         after = fast.stats()
         assert (after.lookup, after.getattr) == (in_c.lookup, in_c.getattr), "none served in C"
+
+
+@needs_root
+def test_the_group_is_translated_to_the_host(root: Path) -> None:
+    """--translate-gid: the group in the record is a guest id like the fsgid."""
+    from pyvirtiofsd.daemon.idmap import IdMap, IdTranslation
+
+    ids = IdTranslation(IdMap(), IdMap.parse([f"map:3000:{G1}:1"]))
+    fs = PassthroughFs(root)
+    try:
+        c = FuseClient(FuseSession(fs, ids=ids))
+        init_738(c)
+        setgid_dir(root / "sg")
+        sg = c.lookup(1, b"sg").nodeid
+        body = mknod_body(b"p", stat.S_IFIFO | 0o2775)
+        assert c.raw(ext_request(MKNOD, sg, body, groups_ext(3000))).ok
+        assert os.lstat(root / "sg/p").st_mode & stat.S_ISGID, "host G1 counted"
+        body = mknod_body(b"q", stat.S_IFIFO | 0o2775)
+        assert c.raw(ext_request(MKNOD, sg, body, groups_ext(G1 + 1))).ok
+        assert not os.lstat(root / "sg/q").st_mode & stat.S_ISGID, "another group: cleared"
+    finally:
+        fs.close()
