@@ -442,7 +442,7 @@ class FuseSession:
             if init.flags & InitFlag.INIT_EXT:
                 offered |= init.flags2 << 32
             if minor < 38:  # request extensions came with 7.38
-                offered &= ~InitFlag.CREATE_SUPP_GROUP
+                offered &= ~int(InitFlag.CREATE_SUPP_GROUP)
             if self.init_flags is not None:
                 flags = InitFlag(offered & self.init_flags)
             else:
