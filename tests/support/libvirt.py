@@ -91,7 +91,7 @@ grep -q '^libvirt-qemu:' "$root/group" || echo 'libvirt-qemu:x:64055:' >>"$root/
 mount --bind "$root/passwd" /etc/passwd
 mount --bind "$root/group" /etc/group
 {binds}
-exec {libvirtd} --config /etc/libvirt/libvirtd.conf
+exec {libvirtd} --config /etc/libvirt/libvirtd.conf --pid-file /run/libvirt/libvirtd.pid
 """
 
 
