@@ -95,6 +95,9 @@ def test_agent_survives_a_command_stuck_in_the_kernel(
     (share_dir / "f").write_bytes(b"data\n")
     share = Share(share_dir, "s", backend="pyvirtiofsd")
     with Machine(MachineConfig(shares=[share]), name="stuck") as vm:
+        # mount returns before the daemon answers INIT, and a request waiting for
+        # INIT is killable: have one request answered first (it leaves f uncached)
+        assert vm.agent.run("ls /mnt/s", check=True).stdout == b"f\n"
         daemon = vm.daemons[0].process
         # the serving process: the daemon itself, or its child in the namespace sandbox
         with open(f"/proc/{daemon.pid}/task/{daemon.pid}/children") as f:
