@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_pool_size,
         default=DEFAULT_THREAD_POOL_SIZE,
         metavar="N",
-        help="Python worker threads for the requests the C fast path does not answer "
-        f"(GETATTR/READ/WRITE run in C on each queue's thread); 0: serve them on the "
+        help="Python worker threads for the data, sync and lock requests the C fast "
+        "path does not answer (GETATTR/LOOKUP/READ/WRITE run in C and metadata "
+        "requests in Python, on each queue's thread); 0: serve every request on the "
         f"queue's own thread (default {DEFAULT_THREAD_POOL_SIZE}, at most "
         f"{MAX_THREAD_POOL_SIZE})",
     )

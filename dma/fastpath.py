@@ -26,7 +26,7 @@ Python worker takes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ._core import ffi, lib  # type: ignore[import-not-found, unused-ignore]
@@ -201,6 +201,17 @@ class SlowQueue:
             return None
         c = ffi.gc(out[0], lib.pvd_chain_free)
         return Chain._wrap(queue(Chain._queue_index(c)), c)
+
+    def serve_inline(self, opcodes: Iterable[int]) -> None:
+        """Have the runners hand these opcodes back to their own thread
+        (:meth:`VirtQueue.run` returns the chain) instead of queueing them
+        here.  Call before any runner uses the queue."""
+        mask = 0
+        for op in opcodes:
+            if not 0 < op < 64:
+                raise ValueError(f"opcode {op} cannot be served inline")
+            mask |= 1 << op
+        lib.pvd_slowq_set_inline(self._q, mask)
 
     def close(self) -> None:
         """Wake every taker; take() returns None once the queue is empty."""

@@ -190,6 +190,12 @@ void pvd_slowq_free(struct pvd_slowq *q);
 int pvd_slowq_take(struct pvd_slowq *q, struct pvd_chain **out);
 void pvd_slowq_close(struct pvd_slowq *q);
 uint32_t pvd_slowq_len(struct pvd_slowq *q);
+/*
+ * Opcodes (bit n for opcode n < 64) pvd_vq_run returns to its caller (*out,
+ * rc 1) instead of queueing here: the caller serves them on the queue's own
+ * thread.  Call before any runner uses q.
+ */
+void pvd_slowq_set_inline(struct pvd_slowq *q, uint64_t opcodes);
 
 /*
  * ---- the FUSE fast path's mirror of the passthrough tables (fuse_fast.c) ----

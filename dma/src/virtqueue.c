@@ -1029,6 +1029,12 @@ struct pvd_slowq {
 	struct pvd_chain *head, *tail;
 	uint32_t len;
 	int closed;
+	/*
+	 * Opcodes (bit n: opcode n < 64) the runner hands back to its caller to
+	 * serve on the queue's own thread instead of queueing them here.  Set
+	 * once, before any runner starts (pvd_slowq_set_inline), read-only after.
+	 */
+	uint64_t inline_mask;
 };
 
 struct pvd_slowq *pvd_slowq_new(void)
@@ -1099,6 +1105,17 @@ void pvd_slowq_close(struct pvd_slowq *q)
 	q->closed = 1;
 	pthread_cond_broadcast(&q->cond);
 	pthread_mutex_unlock(&q->lock);
+}
+
+void pvd_slowq_set_inline(struct pvd_slowq *q, uint64_t opcodes)
+{
+	q->inline_mask = opcodes;
+}
+
+/* Whether the runner serves this chain's request itself (opcode 0: not read). */
+static int slowq_inline(const struct pvd_slowq *q, uint32_t opcode)
+{
+	return opcode && opcode < 64 && ((q->inline_mask >> opcode) & 1);
 }
 
 uint32_t pvd_slowq_len(struct pvd_slowq *q)
@@ -1185,7 +1202,7 @@ static int serve_all(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 		c->opcode = opcode;
 		c->unique = unique;
 		atomic_fetch_add_explicit(&vq->n_slow, 1, memory_order_relaxed);
-		if (q && slowq_push(q, c) == PVD_OK)
+		if (q && !slowq_inline(q, opcode) && slowq_push(q, c) == PVD_OK)
 			continue;
 		*out = c;
 		rc = 1;

@@ -413,3 +413,46 @@ async def test_device_reset_ends_a_lock_wait_at_once(tmp_path: Path) -> None:
         took = time.monotonic() - start
         assert took < device_mod.DRAIN_TIMEOUT / 2, took
         del waiter
+
+
+STATFS = 17
+
+
+async def test_metadata_runs_on_the_queue_thread_and_data_on_a_worker(tmp_path: Path) -> None:
+    """With a pool, INLINE_OPCODES (here STATFS) are served by the queue's own
+    runner thread, FSYNC by a pool worker; a held FSYNC does not hold up the
+    metadata requests submitted after it on the same queue."""
+    async with running_device(tmp_path) as rig:
+        nodeid, fh = await setup_file(rig)
+        dev: FsDevice = rig.devices[0]
+        assert dev._pool_size > 0
+        threads: dict[str, str] = {}
+        hold = threading.Event()
+        released = threading.Event()
+        real_fsync, real_statfs = dev.session.fs.fsync, dev.session.fs.statfs
+
+        def slow_fsync(fh_: int, datasync: bool, *, isdir: bool = False) -> None:
+            threads["fsync"] = threading.current_thread().name
+            hold.wait(10)
+            released.set()
+            real_fsync(fh_, datasync, isdir=isdir)
+
+        def statfs(nodeid_: int) -> object:
+            threads["statfs"] = threading.current_thread().name
+            return real_statfs(nodeid_)
+
+        dev.session.fs.fsync = slow_fsync  # type: ignore[method-assign]
+        dev.session.fs.statfs = statfs  # type: ignore[assignment, method-assign]
+        rig.unique += 1
+        fsync_head = rig.q.add_chain(
+            [request(FSYNC, nodeid, struct.pack("<QII", fh, 0, 0), unique=rig.unique)], [16]
+        )
+        os.eventfd_write(rig.kick, 1)
+        for _ in range(3):
+            err, _ = await rig.fuse(STATFS, 1, b"", [16 + 80])
+            assert err == 0
+        assert not released.is_set()
+        hold.set()
+        assert await rig.wait_used() == [(fsync_head, 16)]
+        assert threads["statfs"] == "vq1", threads
+        assert threads["fsync"].startswith("fuse"), threads
