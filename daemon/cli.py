@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # Inside the sandbox the share has another path ("/"); and the inode fd
     # budget is half the limit just set (read now: seccomp allows no getrlimit).
-    config = config.replace(shared_dir=shared_dir, inode_fds=max(16, soft // 2))
+    config = config.replace(shared_dir=shared_dir, inode_fds=limits.inode_fd_budget(soft))
 
     from .service import run_service
 

@@ -24,6 +24,13 @@ log = logging.getLogger("pyvirtiofsd")
 DEFAULT_NOFILE = 1_000_000
 
 
+def inode_fd_budget(soft_nofile: int) -> int:
+    """How many inode fds the passthrough keeps open (``--inode-file-handles``
+    evicts past it): half the open-file soft limit, the rest for handles,
+    directories and the daemon's own, and never fewer than 16."""
+    return max(16, soft_nofile // 2)
+
+
 def nr_open() -> int:
     """The kernel's ceiling for RLIMIT_NOFILE (``/proc/sys/fs/nr_open``)."""
     try:

@@ -4,8 +4,10 @@ Every QEMU quirk the harness depends on lives here, next to the reason:
 
 - vhost-user needs guest RAM in a shared memfd
   (``memory-backend-memfd,share=on`` + ``-numa node,memdev=``).
-- tinyconfig kernels do not power QEMU off on ``poweroff -f``: boot with
-  ``-no-reboot`` and let ``reboot -f`` (or a panic, ``panic=-1``) exit QEMU.
+- The harness boots with ``-no-reboot`` and ends a guest with ``reboot -f``
+  or QMP ``quit`` (a panic, ``panic=-1``, also exits QEMU); a clean poweroff
+  goes through the ACPI power button (``system_powerdown``, answered by the
+  guest's ``pva-acpid``).
 - QEMU's transitional devices (virtio-9p-pci, virtio-net-pci) accept
   ``iommu_platform=on`` only with ``disable-legacy=on``.
 - The harness owns the QMP and agent sockets (it listens; QEMU connects as a

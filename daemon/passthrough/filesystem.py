@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import config as config_mod
-from .. import procfs
+from .. import limits, procfs
 from ..fuse import abi
 from ..fuse import filesystem as fuse_fs
 from ..fuse import session as fuse_session
@@ -358,7 +358,7 @@ class PassthroughFs:
         #: the mode in effect (``prefer`` falls back to ``never`` where unusable)
         self.inode_file_handles = "never" if handles is None else handles.mode
         if inode_fds is None:
-            inode_fds = max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+            inode_fds = limits.inode_fd_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.inodes = InodeTable(root_fd, os.fstat(root_fd), handles=handles, max_fds=inode_fds)
         self.handles = HandleTable()
 
