@@ -8,6 +8,7 @@ packs raw FUSE requests with ``struct`` (independently of the daemon's own
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass, field
@@ -282,6 +283,18 @@ class FuseClient:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def fill_fds(held: list[int] | None = None) -> list[int]:
+    """Open /dev/null until the process is out of fds (EMFILE); the fds are
+    appended to ``held`` (a new list without one), which is returned."""
+    held = [] if held is None else held
+    while True:
+        try:
+            held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+            return held
 
 
 BIG_SIZE = (1 << 20) + 4097

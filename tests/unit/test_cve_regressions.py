@@ -70,6 +70,7 @@ from tests.support.fakechain import (
     WRITE_KILL_SUIDGID,
     FuseClient,
     create_body,
+    fill_fds,
     init_body,
     lk_body,
     mkdir_body,
@@ -155,12 +156,7 @@ def few_fds() -> Iterator[Callable[[], list[int]]]:
     held: list[int] = []
 
     def fill() -> list[int]:
-        while True:
-            try:
-                held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-            except OSError as exc:
-                assert exc.errno == errno.EMFILE
-                return held
+        return fill_fds(held)
 
     top = max(int(n) for n in os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (top + 64, hard))

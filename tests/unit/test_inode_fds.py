@@ -28,6 +28,7 @@ from pyvirtiofsd.daemon.fuse.filesystem import RequestContext
 from pyvirtiofsd.daemon.passthrough import PassthroughFs
 from pyvirtiofsd.dma import FastPath
 from tests.support.fakechain import (
+    fill_fds,
     init_body,
     name_body,
     open_fds,
@@ -151,17 +152,6 @@ def test_lru_keeps_the_hot_inode(share: Path, small: PassthroughFs) -> None:
     reopens = small.inodes.reopens
     small.getattr(hot)
     assert small.inodes.reopens == reopens  # still had its fd
-
-
-def fill_fds() -> list[int]:
-    """Open /dev/null until the process is out of fds (EMFILE)."""
-    held = []
-    while True:
-        try:
-            held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            assert exc.errno == errno.EMFILE
-            return held
 
 
 @pytest.fixture
