@@ -288,9 +288,9 @@ def vhost_user_harness() -> Harness:
 
 
 def dma_harness() -> Harness:
-    from pyvirtiofsd.dma import Chain, ChainError, GuestMemory, VirtQueue
-    from tests.support.splitq import GuestRam, SplitQueueBuilder
-    from tests.unit.test_dma_fuzz import RAM, SIZE, TABLE_ENTRIES, TABLE_GPA, reference
+    from pyvirtiofsd.dma import Chain, ChainError, GuestMemory
+    from tests.support.splitq import GuestRam
+    from tests.unit.test_dma_fuzz import RAM, SIZE, TABLE_ENTRIES, TABLE_GPA, load_queue, reference
 
     ram = GuestRam(RAM)
     mem = GuestMemory()
@@ -387,15 +387,7 @@ def dma_harness() -> Harness:
             table = [desc(rng, TABLE_ENTRIES + 2) for _ in range(TABLE_ENTRIES)]
             heads = [rng.randint(0, 2 * SIZE) for _ in range(rng.randint(1, SIZE))]
         ram.write(0, bytes(0x3000))
-        vq = VirtQueue(mem, 0)
-        q = SplitQueueBuilder(ram, 0x0, 0x1000, 0x2000, SIZE)
-        q.configure(vq)
-        for i, d in enumerate(ring):
-            q.write_desc(i, *d)
-        ram.write(TABLE_GPA, b"".join(q.pack_desc(*d) for d in table))
-        ram.write(0x9000, pattern[:4096])
-        for h in heads:
-            q.publish(h)
+        vq, q = load_queue(ram, mem, ring, table, heads, pattern[:4096])
         try:
             for n, h in enumerate(heads):
                 # live memory: an earlier chain's writes may have changed a table

@@ -93,6 +93,29 @@ def reference(ram: bytes, table: list[Desc], head: int) -> tuple[int, int] | str
         i = nxt
 
 
+def load_queue(
+    ram: GuestRam,
+    mem: GuestMemory,
+    ring: list[Desc],
+    table: list[Desc],
+    heads: list[int],
+    payload: bytes,
+) -> tuple[VirtQueue, SplitQueueBuilder]:
+    """A queue over ``ram`` with ``ring`` as its descriptor table, ``table``
+    at TABLE_GPA for indirect descriptors to point at, ``payload`` at 0x9000
+    and ``heads`` made available in that order."""
+    vq = VirtQueue(mem, 0)
+    q = SplitQueueBuilder(ram, 0x0, 0x1000, 0x2000, SIZE)
+    q.configure(vq)
+    for i, d in enumerate(ring):
+        q.write_desc(i, *d)
+    ram.write(TABLE_GPA, b"".join(q.pack_desc(*d) for d in table))
+    ram.write(0x9000, payload)
+    for h in heads:
+        q.publish(h)
+    return vq, q
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ring=st.lists(descs, min_size=SIZE, max_size=SIZE),
@@ -103,15 +126,7 @@ def test_random_descriptor_tables(ring: list[Desc], table: list[Desc], heads: li
     with GuestRam(RAM) as ram:
         mem = GuestMemory()
         mem.add_region(ram.fd, ram.memory_region())
-        vq = VirtQueue(mem, 0)
-        q = SplitQueueBuilder(ram, 0x0, 0x1000, 0x2000, SIZE)
-        q.configure(vq)
-        for i, d in enumerate(ring):
-            q.write_desc(i, *d)
-        ram.write(TABLE_GPA, b"".join(q.pack_desc(*d) for d in table))
-        ram.write(0x9000, bytes(range(256)) * 16)
-        for h in heads:
-            q.publish(h)
+        vq, q = load_queue(ram, mem, ring, table, heads, bytes(range(256)) * 16)
         snapshot = ram.read(0, RAM)
         for n, h in enumerate(heads):
             expected = reference(snapshot, ring, h)
