@@ -497,6 +497,13 @@ def plot(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / name)
+
     cont = [r for r in result.get("contention", []) if not r.get("failure")]
     if cont:
         metrics = [m for m in METRICS if m[2] != "count"]
@@ -521,11 +528,7 @@ def plot(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("three devices loaded at once (latency: lower is better)")
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / "dma-contention.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "dma-contention.png")
     shrink = result.get("shrink", [])
     if shrink:
         fig, ax = plt.subplots(figsize=(7.0, 4.0))
@@ -545,11 +548,7 @@ def plot(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("aggregate MiB/s (x: failed)")
         ax.set_title("shrinking the bounce memory")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / "dma-shrink.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "dma-shrink.png")
     queues = [r for r in result.get("queues", []) if not r.get("failure")]
     if queues:
         workloads = list(dict.fromkeys(r["workload"] for r in queues))
@@ -570,11 +569,7 @@ def plot(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("IOPS (median, min-max)")
         ax.set_title("fio 4k, 4 jobs, one share")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / "dma-queues.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "dma-queues.png")
     return written
 
 
