@@ -31,6 +31,10 @@ libvirt-daemon-driver-qemu
 libvirt-clients
 uidmap
 udev
+e2fsprogs
+mount
+util-linux
+passwd
 "
 
 missing=""
