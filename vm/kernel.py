@@ -110,20 +110,56 @@ def source_version(src: KernelSource) -> str:
     return out
 
 
-def patch_series(src: KernelSource) -> list[Path]:
+@dataclass(frozen=True)
+class SeriesPatch:
+    """One line of ``patches/series``: ``NAME [unless FILE:TEXT]``.
+
+    ``unless FILE:TEXT`` marks a patch whose fix the source may already carry
+    (a stable update backported an equivalent upstream change): when FILE of
+    the unpacked tree contains TEXT, the patch is skipped, and the build log
+    says so. The source package version is part of the cache key, so the
+    choice is made again whenever the source changes.
+    """
+
+    path: Path
+    unless_file: str | None = None
+    unless_text: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def superseded_in(self, tree: Path) -> bool:
+        """Whether ``tree`` already carries this patch's fix."""
+        if self.unless_file is None or self.unless_text is None:
+            return False
+        f = tree / self.unless_file
+        return f.is_file() and self.unless_text in f.read_text(errors="replace")
+
+
+def patch_series(src: KernelSource) -> list[SeriesPatch]:
     """Patches listed in ``patches/series``, in order (blank lines and # skipped)."""
     series = src.patch_dir / "series"
     if not series.exists():
         return []
     patches = []
     for line in series.read_text().splitlines():
-        name = line.split("#", 1)[0].strip()
-        if not name:
+        fields = line.split("#", 1)[0].split()
+        if not fields:
             continue
+        name, cond = fields[0], fields[1:]
         p = src.patch_dir / name
         if not p.is_file():
             raise KernelBuildError(f"patch {name} listed in {series} does not exist")
-        patches.append(p)
+        if not cond:
+            patches.append(SeriesPatch(p))
+            continue
+        if len(cond) != 2 or cond[0] != "unless" or ":" not in cond[1]:
+            raise KernelBuildError(
+                f"{series}: {line.strip()!r}: expected 'NAME' or 'NAME unless FILE:TEXT'"
+            )
+        file, text = cond[1].split(":", 1)
+        patches.append(SeriesPatch(p, file, text))
     return patches
 
 
@@ -138,7 +174,8 @@ def cache_key(src: KernelSource) -> str:
     h.update(f"source={source_version(src)}\n".encode())
     h.update(b"fragment\n" + src.fragment.read_bytes())
     for p in patch_series(src):
-        h.update(f"patch {p.name}\n".encode() + p.read_bytes())
+        h.update(f"patch {p.name} {p.unless_file}:{p.unless_text}\n".encode())
+        h.update(p.path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -241,8 +278,11 @@ def build_kernel(
             tf.extractall(work, filter="fully_trusted")
         (tree,) = [p for p in work.iterdir() if p.is_dir()]
         for p in patch_series(src):
+            if p.superseded_in(tree):
+                _log(f"skipping {p.name}: {p.unless_file} already has {p.unless_text}")
+                continue
             _log(f"applying {p.name}")
-            _run(["patch", "-p1", "--batch", "--forward", "-i", str(p)], tree, log)
+            _run(["patch", "-p1", "--batch", "--forward", "-i", str(p.path)], tree, log)
         _log(f"configuring (tinyconfig + {src.version}/guest.config)")
         configure(src, tree, log)
         n = jobs or os.cpu_count() or 1

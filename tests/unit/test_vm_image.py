@@ -65,7 +65,7 @@ def test_each_version_has_its_own_config_dir_and_patch_series() -> None:
         assert src.fragment.is_file()
         names = [p.name for p in kernel.patch_series(src)]
         assert len(names) == 4 and names[0].startswith("0001-swiotlb-"), (v, names)
-        assert all(p.parent == src.patch_dir for p in kernel.patch_series(src))
+        assert all(p.path.parent == src.patch_dir for p in kernel.patch_series(src))
     assert kernel.DEFAULT_KERNEL_VERSION in kernel.KERNEL_VERSIONS
     with pytest.raises(kernel.KernelBuildError, match="unknown guest kernel version"):
         kernel.kernel_source("5.10")
@@ -188,3 +188,23 @@ def test_every_harness_error_has_one_root() -> None:
     for cls in (kernel.KernelBuildError, InitramfsError, debian.DebianBuildError, AgentError,
                 GuestCommandError, MachineError, swiotlb.SwiotlbError):  # fmt: skip
         assert issubclass(cls, VmError), cls
+
+
+def test_series_patch_is_skipped_where_the_source_already_has_the_fix(tmp_path: Path) -> None:
+    src = _fake_source(tmp_path, "fake")
+    src.patch_dir.mkdir(parents=True, exist_ok=True)
+    (src.patch_dir / "0001-a.patch").write_text("")
+    (src.patch_dir / "0002-b.patch").write_text("")
+    (src.patch_dir / "series").write_text(
+        "0001-a.patch\n0002-b.patch unless fs/fuse/virtio_fs.c:verify_response  # upstream\n"
+    )
+    a, b = kernel.patch_series(src)
+    tree = tmp_path / "tree"
+    (tree / "fs/fuse").mkdir(parents=True)
+    (tree / "fs/fuse/virtio_fs.c").write_text("static int other(void);\n")
+    assert not a.superseded_in(tree) and not b.superseded_in(tree)
+    (tree / "fs/fuse/virtio_fs.c").write_text("static bool verify_response(void);\n")
+    assert not a.superseded_in(tree) and b.superseded_in(tree)
+    (src.patch_dir / "series").write_text("0002-b.patch if fs/fuse/virtio_fs.c:x\n")
+    with pytest.raises(kernel.KernelBuildError, match="expected 'NAME' or 'NAME unless"):
+        kernel.patch_series(src)
