@@ -29,8 +29,10 @@ from .passthrough.xattrmap import IDENTITY, XattrMap
 
 __all__ = [
     "DEFAULT_NUM_REQUEST_QUEUES",
+    "DEFAULT_POLL_MAX_NS",
     "DEFAULT_THREAD_POOL_SIZE",
     "INODE_FILE_HANDLES_MODES",
+    "MAX_POLL_MAX_NS",
     "MAX_REQUEST_QUEUES",
     "MAX_THREAD_POOL_SIZE",
     "CachePolicy",
@@ -42,6 +44,11 @@ __all__ = [
 #: Python workers serving the requests the C fast path does not (--thread-pool-size).
 DEFAULT_THREAD_POOL_SIZE = 4
 MAX_THREAD_POOL_SIZE = 1024
+#: Adaptive polling of each request queue before its runner sleeps
+#: (--poll-max-ns): at most this long per wait, as QEMU's iothread
+#: poll-max-ns (whose default this is); 0 never polls.
+DEFAULT_POLL_MAX_NS = 32768
+MAX_POLL_MAX_NS = 1_000_000
 #: Request queues offered to the front-end (--num-request-queues).
 DEFAULT_NUM_REQUEST_QUEUES = 16
 #: The device's ceiling: virtio-fs's num_request_queues is a le32, but each
@@ -202,6 +209,7 @@ class ServiceConfig:
     #: strict window mode (--swiotlb): (guest-physical base, size)
     window: tuple[int, int] | None = None
     thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
     stats_file: Path | None = None
     keep_listening: bool = False
     #: inode fds kept open at most (--inode-file-handles prefer/mandatory);
@@ -216,6 +224,7 @@ class ServiceConfig:
         num_request_queues: int = DEFAULT_NUM_REQUEST_QUEUES,
         window: tuple[int, int] | None = None,
         thread_pool_size: int = DEFAULT_THREAD_POOL_SIZE,
+        poll_max_ns: int = DEFAULT_POLL_MAX_NS,
         stats_file: Path | None = None,
         keep_listening: bool = False,
         inode_fds: int | None = None,
@@ -233,6 +242,7 @@ class ServiceConfig:
         set_(self, "num_request_queues", num_request_queues)
         set_(self, "window", window)
         set_(self, "thread_pool_size", thread_pool_size)
+        set_(self, "poll_max_ns", poll_max_ns)
         set_(self, "stats_file", None if stats_file is None else Path(stats_file))
         set_(self, "keep_listening", keep_listening)
         set_(self, "inode_fds", inode_fds)
@@ -245,6 +255,9 @@ class ServiceConfig:
         n = self.thread_pool_size
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_THREAD_POOL_SIZE:
             raise ConfigError(f"thread_pool_size must be 0..{MAX_THREAD_POOL_SIZE}, not {n!r}")
+        n = self.poll_max_ns
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_POLL_MAX_NS:
+            raise ConfigError(f"poll_max_ns must be 0..{MAX_POLL_MAX_NS}, not {n!r}")
         if self.window is not None:
             base, size = self.window
             if size <= 0 or base < 0 or base + size > 1 << 64:
@@ -263,6 +276,7 @@ class ServiceConfig:
             "num_request_queues": self.num_request_queues,
             "window": self.window,
             "thread_pool_size": self.thread_pool_size,
+            "poll_max_ns": self.poll_max_ns,
             "stats_file": self.stats_file,
             "keep_listening": self.keep_listening,
             "inode_fds": self.inode_fds,

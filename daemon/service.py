@@ -39,6 +39,7 @@ def make_device(config: ServiceConfig) -> FsDevice:
         num_request_queues=config.num_request_queues,
         window=config.window,
         thread_pool_size=config.thread_pool_size,
+        poll_max_ns=config.poll_max_ns,
         fast=fast,
         stats_file=config.stats_file,
     )

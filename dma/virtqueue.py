@@ -206,6 +206,21 @@ class VirtQueue:
         self._raise_pop_error(rc, out, bad)
         raise AssertionError("unreachable")
 
+    def set_poll(self, max_ns: int) -> None:
+        """Poll the avail ring for up to ``max_ns`` before :meth:`run` sleeps
+        (adaptive, see ``pvd_vq_set_poll``); 0 never polls.  Any thread."""
+        if not 0 <= max_ns <= lib.PVD_POLL_MAX_NS:
+            raise ValueError(f"poll window {max_ns} outside 0..{lib.PVD_POLL_MAX_NS} ns")
+        lib.pvd_vq_set_poll(self._vq, max_ns)
+
+    def poll_stats(self) -> tuple[int, int, int]:
+        """(windows that found a chain, windows that did not, current window ns)."""
+        h = ffi.new("uint64_t *")
+        m = ffi.new("uint64_t *")
+        w = ffi.new("uint64_t *")
+        lib.pvd_vq_poll_stats(self._vq, h, m, w)
+        return int(h[0]), int(m[0]), int(w[0])
+
     def stats(self) -> QueueStats:
         f = ffi.new("uint64_t *")
         s = ffi.new("uint64_t *")

@@ -163,6 +163,16 @@ int pvd_vq_run(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 	       uint32_t salvage_wlen);
 /* Chains answered in place / handed on / failed as defects, since creation. */
 void pvd_vq_stats(struct pvd_vq *vq, uint64_t *fast, uint64_t *slow, uint64_t *defects);
+/*
+ * Adaptive polling of the avail ring before pvd_vq_run sleeps: at most
+ * max_ns per wait (0: never poll; capped at PVD_POLL_MAX_NS).  The window
+ * adapts between 0 and max_ns as QEMU's poll-max-ns does.  Any thread.
+ */
+#define PVD_POLL_MIN_NS 4000
+#define PVD_POLL_MAX_NS 1000000
+void pvd_vq_set_poll(struct pvd_vq *vq, uint64_t max_ns);
+/* Polling windows that found a chain / that did not; the current window. */
+void pvd_vq_poll_stats(struct pvd_vq *vq, uint64_t *hits, uint64_t *misses, uint64_t *window_ns);
 
 /* ---- popped chains (virtqueue.c) ---- */
 void pvd_chain_info(struct pvd_chain *c, uint32_t *head, uint64_t *readable_len,

@@ -80,6 +80,17 @@ struct pvd_vq {
 	atomic_int running;
 	struct iovec *run_iov;
 	atomic_uint_fast64_t n_fast, n_slow, n_defect;
+	/*
+	 * Adaptive polling (pvd_vq_run): the most and the current window, in
+	 * ns, and how often a window found a chain.  poll_max_ns is written by
+	 * pvd_vq_set_poll from any thread; poll_ns only by the runner (atomic,
+	 * relaxed, only so that pvd_vq_poll_stats may read it).
+	 * stopped mirrors stop_fd being readable, so the polling loop sees a
+	 * stop without a system call.
+	 */
+	atomic_uint_fast64_t poll_max_ns, poll_ns;
+	atomic_uint_fast64_t n_poll_hit, n_poll_miss;
+	atomic_int stopped;
 };
 
 struct pvd_chain {
@@ -314,6 +325,7 @@ int pvd_vq_configure(struct pvd_vq *vq, uint32_t size, uint64_t desc_gpa, uint64
 	vq->used_idx = ld16(USED_IDX(vq), memory_order_relaxed);
 	vq->signalled_used_valid = 0;
 	drain_fd(vq->stop_fd);
+	atomic_store(&vq->stopped, 0);
 out:
 	pthread_mutex_unlock(&vq->lock);
 	return rc;
@@ -399,6 +411,7 @@ void pvd_vq_stop(struct pvd_vq *vq)
 	uint64_t one = 1;
 	/* The stop eventfd stays readable (never drained by waiters) until
 	 * reset()/configure(): every wait returns 0 until then. */
+	atomic_store(&vq->stopped, 1);
 	while (write(vq->stop_fd, &one, sizeof(one)) < 0 && errno == EINTR)
 		;
 }
@@ -411,6 +424,7 @@ void pvd_vq_reset(struct pvd_vq *vq)
 	vq->signalled_used_valid = 0;
 	vq->notify_enabled = 1;
 	drain_fd(vq->stop_fd);
+	atomic_store(&vq->stopped, 0);
 	pthread_mutex_unlock(&vq->lock);
 }
 
@@ -1236,6 +1250,117 @@ static int drain(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 	return 0;
 }
 
+/* ------------------------------------------------------- adaptive polling */
+
+static int64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+/* Whether the driver has made a chain available that we have not popped. */
+static int avail_pending(struct pvd_vq *vq)
+{
+	int pending = 0;
+	pthread_mutex_lock(&vq->lock);
+	if (!vq->broken && refresh_rings(vq) == PVD_OK)
+		/* acquire: pairs with the driver's release of avail->idx */
+		pending = ld16(AVAIL_IDX(vq), memory_order_acquire) != vq->last_avail_idx;
+	pthread_mutex_unlock(&vq->lock);
+	return pending;
+}
+
+/*
+ * Before sleeping on the kick eventfd, watch avail->idx for up to the
+ * current window with guest notifications off (QEMU's AioContext polling,
+ * the kernel vhost's busyloop_timeout): a driver that posts its next
+ * request within the window is served without a kick and without waking
+ * this thread, which is most of a request's latency at depth 1.  1 when a
+ * chain became available (or the queue was stopped: the caller's wait then
+ * returns at once).
+ */
+static int poll_avail(struct pvd_vq *vq)
+{
+	uint64_t window = atomic_load_explicit(&vq->poll_ns, memory_order_relaxed);
+	uint64_t max = atomic_load_explicit(&vq->poll_max_ns, memory_order_relaxed);
+	if (window > max) /* lowered (or switched off) by pvd_vq_set_poll since */
+		window = max;
+	if (!window)
+		return 0;
+	pvd_vq_set_notification(vq, 0);
+	int64_t end = now_ns() + (int64_t)window;
+	int found = 0;
+	do {
+		if (atomic_load_explicit(&vq->stopped, memory_order_relaxed))
+			break;
+		found = avail_pending(vq);
+		if (found)
+			break;
+		cpu_relax();
+	} while (now_ns() < end);
+	/*
+	 * 2.7.10: set_notification(1) ends with a full fence; a chain posted
+	 * after the last look but before the driver saw notifications on
+	 * raised no kick, so look once more.
+	 */
+	pvd_vq_set_notification(vq, 1);
+	if (!found)
+		found = avail_pending(vq);
+	atomic_fetch_add_explicit(found ? &vq->n_poll_hit : &vq->n_poll_miss, 1,
+				  memory_order_relaxed);
+	return found;
+}
+
+/*
+ * QEMU's adjust_polling_time(): idle_ns is how long the queue stayed empty
+ * (window included).  A wait longer than the most we would poll means
+ * polling could not have helped: halve the window (to 0 below 4 us).  A
+ * wait that a longer window would have covered grows it: 4 us, then
+ * doubling, up to the maximum.
+ */
+static void adapt_poll(struct pvd_vq *vq, int64_t idle_ns)
+{
+	uint64_t max = atomic_load_explicit(&vq->poll_max_ns, memory_order_relaxed);
+	uint64_t cur = atomic_load_explicit(&vq->poll_ns, memory_order_relaxed);
+	uint64_t idle = idle_ns > 0 ? (uint64_t)idle_ns : 0;
+	uint64_t next = cur;
+	if (!max) {
+		next = 0;
+	} else if (idle <= cur) {
+		/* the window was long enough */
+	} else if (idle > max) {
+		next = cur / 2 < PVD_POLL_MIN_NS ? 0 : cur / 2;
+	} else {
+		next = cur ? cur * 2 : PVD_POLL_MIN_NS;
+		if (next > max)
+			next = max;
+	}
+	atomic_store_explicit(&vq->poll_ns, next, memory_order_relaxed);
+}
+
+void pvd_vq_set_poll(struct pvd_vq *vq, uint64_t max_ns)
+{
+	if (max_ns > PVD_POLL_MAX_NS)
+		max_ns = PVD_POLL_MAX_NS;
+	atomic_store_explicit(&vq->poll_max_ns, max_ns, memory_order_relaxed);
+}
+
+void pvd_vq_poll_stats(struct pvd_vq *vq, uint64_t *hits, uint64_t *misses, uint64_t *window_ns)
+{
+	*hits = atomic_load(&vq->n_poll_hit);
+	*misses = atomic_load(&vq->n_poll_miss);
+	uint64_t window = atomic_load(&vq->poll_ns), max = atomic_load(&vq->poll_max_ns);
+	*window_ns = window < max ? window : max; /* what the next wait polls */
+}
+
 int pvd_vq_run(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 	       struct pvd_chain **out, uint32_t *bad_head, uint32_t salvage_rlen,
 	       uint32_t salvage_wlen)
@@ -1253,10 +1378,16 @@ int pvd_vq_run(struct pvd_vq *vq, struct pvd_fs *fs, struct pvd_slowq *q,
 			pvd_fs_busy_leave(fs);
 		if (rc)
 			break;
+		int polling = atomic_load_explicit(&vq->poll_max_ns, memory_order_relaxed) != 0;
+		int64_t idle_from = polling ? now_ns() : 0;
+		if (poll_avail(vq))
+			continue;
 		if (!pvd_vq_wait_kick(vq, -1)) {
 			rc = 0; /* stopped */
 			break;
 		}
+		if (polling || atomic_load_explicit(&vq->poll_ns, memory_order_relaxed))
+			adapt_poll(vq, now_ns() - idle_from);
 	}
 	atomic_store(&vq->running, 0);
 	return rc;

@@ -11,6 +11,7 @@ import pytest
 
 from pyvirtiofsd.daemon import hostmount
 from pyvirtiofsd.daemon.config import (
+    MAX_POLL_MAX_NS,
     MAX_REQUEST_QUEUES,
     MAX_THREAD_POOL_SIZE,
     CachePolicy,
@@ -74,6 +75,9 @@ def test_bad_values_are_refused_when_built(tmp_path: Path) -> None:
     for n in (-1, MAX_THREAD_POOL_SIZE + 1):
         with pytest.raises(ConfigError, match="thread_pool_size"):
             ServiceConfig(shared_dir=tmp_path, thread_pool_size=n)
+    for n in (-1, MAX_POLL_MAX_NS + 1, True):
+        with pytest.raises(ConfigError, match="poll_max_ns"):
+            ServiceConfig(shared_dir=tmp_path, poll_max_ns=n)
     with pytest.raises(ConfigError, match="inode_fds"):
         ServiceConfig(shared_dir=tmp_path, inode_fds=0)
     with pytest.raises(ConfigError, match="window"):

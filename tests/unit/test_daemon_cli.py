@@ -278,7 +278,8 @@ BAD_VALUES = [
     ("--xattrmap", ":bogus:"), ("--modcaps", "+nope"), ("-o", "modcaps=+nope"),
     ("--rlimit-nofile", "-5"),
     ("--socket-group", "no-such-group-here"), ("--fd", "-1"), ("--translate-uid", "map:1"),
-    ("--uid-map", "0:1"), ("--swiotlb", "0x1000"),
+    ("--uid-map", "0:1"), ("--swiotlb", "0x1000"), ("--poll-max-ns", "-1"),
+    ("--poll-max-ns", "2000000"),
 ]  # fmt: skip
 
 

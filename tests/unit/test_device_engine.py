@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from pyvirtiofsd.daemon.config import DEFAULT_POLL_MAX_NS
 from pyvirtiofsd.daemon.device import FsDevice
 from pyvirtiofsd.dma import FastPath
 from tests.support.fakechain import (
@@ -80,7 +81,7 @@ async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
 async def test_fast_path_answers_exactly_as_python(tmp_path: Path) -> None:
     async with running_device(tmp_path) as rig:
         nodeid, fh = await setup_file(rig)
-        data = (bytes(range(256)) * 40)
+        data = bytes(range(256)) * 40
         # GETATTR of an inode and of a handle (GETATTR_FH), in place
         err, n = await both_ways(rig, GETATTR, 1, bytes(16))
         assert err == 0 and len(n) == 1
@@ -238,6 +239,10 @@ async def test_stats_file_counts_requests_per_queue(tmp_path: Path) -> None:
         assert data["queues"]["2"]["requests"] == 0
         assert data["fast_path"]["read"] == 5
         assert data["busy_max"] >= 1
+        # request queues poll (--poll-max-ns, on by default), the hiprio one never
+        assert data["queues"]["0"]["poll"] == {"hits": 0, "misses": 0, "window_ns": 0}
+        assert set(q1["poll"]) == {"hits", "misses", "window_ns"}
+        assert 0 <= q1["poll"]["window_ns"] <= DEFAULT_POLL_MAX_NS
 
 
 async def test_destroy_leaks_no_fd_through_the_mirror(tmp_path: Path) -> None:
