@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.vm.machine import Machine, MachineConfig
+from pyvirtiofsd.vm.process import children_of
 from pyvirtiofsd.vm.shares import Share
 
 BACKENDS = ["pyvirtiofsd", "virtiofsd"]
@@ -184,6 +185,9 @@ def test_concurrent_churn_keeps_tree_and_fds(
     mnt = f"/mnt/{TAG}"
     with Machine(MachineConfig(shares=[share], debian=True), name=f"churn-{backend}") as vm:
         pid = vm.daemons[0].process.pid
+        # pyvirtiofsd's namespace sandbox serves from a child of the process
+        # we started: count the fds of the one that holds the inodes
+        pid = (children_of(pid) or [pid])[0]
         vm.agent.run(f"stat {mnt}", check=True)  # the root only: no child lookups
         baseline = fds(pid)
         vm.agent.write_file("/debian/tmp/churn.py", WORKLOAD.encode())
