@@ -19,8 +19,9 @@ measured on what it offers, and the table says so.
 Peers run in the same invocation, interleaved by rounds (A B C A B C ...):
 each round starts each daemon afresh and measures every cell on it. Output
 under ``<build>/bench/<stamp>/``: ``daemon.json`` (every round, every peer's
-command line), ``daemon.md`` (the table), ``daemon-d<depth>-q<queues>.png`` and each
-daemon's log in ``logs/``.
+command line), ``daemon.md`` (the table, then the CPUs the daemon, this process and the
+machine kept busy in each cell: :mod:`pyvirtiofsd.bench.cpu`),
+``daemon-d<depth>-q<queues>.png`` and each daemon's log in ``logs/``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pyvirtiofsd.daemon.vhost_user.messages import (
 from pyvirtiofsd.vm.process import ChildProcess
 
 from . import fuse
+from .cpu import CpuMeter, markdown_cpu_table
 from .frontend import FakeFrontend
 from .loadgen import GuestRam, LoadGenError, QueueDriver, RunResult, Step, run, run_per_queue
 from .peers import PEERS, PeerUnavailable, peer_argv
@@ -306,9 +308,7 @@ async def open_session(
                 drivers.append(d)
             await fe.set_vring_num(index, d.size)
             await fe.set_vring_base(index, 0)
-            await fe.set_vring_addr(
-                VringAddr(index, 0, d.desc_addr, d.used_addr, d.avail_addr, 0)
-            )
+            await fe.set_vring_addr(VringAddr(index, 0, d.desc_addr, d.used_addr, d.avail_addr, 0))
             await fe.set_vring_kick(index, kick)
             await fe.set_vring_call(index, call)
             if proto:
@@ -378,8 +378,10 @@ async def _round(
         for name, depth, nq in todo:
             w = WORKLOADS[name]
             threads = args.generator == "per-queue"
-            res, used = await sess.measure(w, depth, nq, args.warmup, args.duration,
-                                           per_queue_threads=threads)  # fmt: skip
+            with CpuMeter(sess.process.pid) as cpu:
+                res, used = await sess.measure(w, depth, nq, args.warmup, args.duration,
+                                               per_queue_threads=threads)  # fmt: skip
+            assert cpu.use is not None
             rec = {
                 "peer": peer, "round": rnd, "workload": name, "depth": depth, "queues": nq,
                 "queues_used": used, "unit": w.unit, "ops": res.ops, "total": res.total,
@@ -389,9 +391,10 @@ async def _round(
                 "unsignalled": res.unsignalled,
                 "failure": res.failure,
                 "message": res.message,
+                **cpu.use.as_dict(),
             }  # fmt: skip
             records.append(rec)
-            todo_left = todo[len(records):]
+            todo_left = todo[len(records) :]
             status = f"FAILED: {res.message}" if res.failure else f"{rec['value']:.4g} {w.unit}"
             print(f"  r{rnd} {peer:15s} {name:22s} d{depth:<2d} q{nq}"
                   f"{'' if used == nq else f'(used {used})'}: {status}",
@@ -473,6 +476,7 @@ def run_suite(args: argparse.Namespace, out: Path) -> str:
             f"(+{args.warmup} s warm-up), peers interleaved by round, "
             f"generator threads: {args.generator}; "
             "median (min-max)\n\n")  # fmt: skip
+    table += "\n" + markdown_cpu_table(records, peers)
     (out / "daemon.md").write_text(head + table)
     (out / "daemon.json").write_text(json.dumps({
         "suite": "daemon", "peers": peers, "commands": meta,
