@@ -14,7 +14,7 @@ Serving (see DESIGN.md, "Threading"):
 * Before a runner sleeps on its kick eventfd it polls the avail ring for a
   while (``poll_max_ns``, adaptive as QEMU's iothread polling; request
   queues only): at low queue depth the next request is then found without
-  a kick or a wake-up.
+  waiting to be woken (see DESIGN.md for what EVENT_IDX changes).
 * Metadata requests (``INLINE_OPCODES``) the runner hands back to its own
   thread, which serves them in Python and resumes.
 * Every other request goes to a :class:`~pyvirtiofsd.dma.SlowQueue` shared by

@@ -1282,8 +1282,10 @@ static int avail_pending(struct pvd_vq *vq)
  * Before sleeping on the kick eventfd, watch avail->idx for up to the
  * current window with guest notifications off (QEMU's AioContext polling,
  * the kernel vhost's busyloop_timeout): a driver that posts its next
- * request within the window is served without a kick and without waking
- * this thread, which is most of a request's latency at depth 1.  1 when a
+ * request within the window is served without waiting for this thread to
+ * be woken, which is most of a request's latency at depth 1 (without
+ * EVENT_IDX it does not even kick; with it, avail_event stays where the
+ * last enable put it, so it kicks once, and the next wait returns at once).  1 when a
  * chain became available (or the queue was stopped: the caller's wait then
  * returns at once).
  */
