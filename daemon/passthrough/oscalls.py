@@ -82,7 +82,7 @@ import os
 import platform
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from .. import capabilities
 
@@ -321,23 +321,48 @@ def caller_credentials(uid: int, gid: int, *, creating: bool = False) -> Iterato
             _set_fs_id("setfsgid", old_gid)
 
 
-@contextmanager
+class _CreatingUmask:
+    """umask 0 for the body, when this thread has a umask of its own.
+
+    All a creation needs when the thread already has the caller's fsuid and
+    fsgid (guest root on a root daemon, or any caller of a daemon that does
+    not switch): no capability changes, so no ``capget``/``capset``."""
+
+    __slots__ = ("_old",)
+
+    def __enter__(self) -> None:
+        self._old = os.umask(0) if _thread.private_umask else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            os.umask(self._old)
+
+
 def creator_credentials(
     uid: int, gid: int, groups: tuple[int, ...] | None = None
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Create as ``uid``/``gid`` (with ``groups``), umask 0, and the DAC
     capabilities the fsuid switch cleared raised again (root only).
 
     CAP_FSETID stays dropped (for a non-root caller), so S_ISGID on a new
     file in a setgid directory survives only for a member of its group.
     Guest root (uid 0) keeps every capability, as root does locally.
+
+    Nothing to switch (the thread's fsuid/fsgid are already the caller's,
+    no groups to install, or a daemon that is not root): only the umask,
+    with no capability system call (every CREATE, MKDIR, MKNOD and SYMLINK
+    of guest root takes this path).
     """
     root = switching_enabled()
     _thread_setup(root)
-    if not root:
-        with caller_credentials(uid, gid, creating=True):
-            yield
-        return
+    if not root or (not (groups and _thread.groups_dropped) and (uid, gid) == current_fs_ids()):
+        return _CreatingUmask()
+    return _switched_creator(uid, gid, groups)
+
+
+@contextmanager
+def _switched_creator(uid: int, gid: int, groups: tuple[int, ...] | None) -> Iterator[None]:
+    """:func:`creator_credentials` with a switch to make (a root daemon)."""
     effective = capabilities.current()[0]
     try:
         with _thread_groups(groups), caller_credentials(uid, gid, creating=True):

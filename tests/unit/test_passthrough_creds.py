@@ -119,6 +119,45 @@ def test_created_objects_belong_to_the_caller(client: FuseClient, root: Path) ->
     assert fs_ids(thread_status()) == (0, 0)
 
 
+def test_guest_root_creates_without_capability_calls(
+    client: FuseClient, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guest root on a root daemon: nothing to switch, so a creation costs
+    no capget/capset (it is on every CREATE of a root guest), yet the mode
+    is taken as sent and the objects are root's; a user's creation still
+    switches and raises the capabilities again."""
+    calls: list[str] = []
+    real_current, real_set = oscalls.capabilities.current, oscalls.capabilities.set_effective
+
+    def current() -> tuple[int, int, int]:
+        calls.append("capget")
+        return real_current()
+
+    def set_effective(mask: int) -> None:
+        calls.append("capset")
+        real_set(mask)
+
+    monkeypatch.setattr(oscalls.capabilities, "current", current)
+    monkeypatch.setattr(oscalls.capabilities, "set_effective", set_effective)
+    old = os.umask(0o077)
+    try:
+        assert client.call(CREATE, 1, create_body(b"f", os.O_WRONLY | os.O_CREAT, 0o100666)).ok
+        assert client.call(MKDIR, 1, mkdir_body(b"d", 0o777)).ok
+        assert client.call(SYMLINK, 1, b"s\0f\0").ok
+        assert client.call(MKNOD, 1, mknod_body(b"p", stat.S_IFIFO | 0o666)).ok
+        assert calls == []
+        assert os.umask(0o077) == 0o077
+    finally:
+        os.umask(old)
+    for name, mode in [("f", 0o666), ("d", 0o777), ("p", 0o666)]:
+        st = os.lstat(root / name)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode), name
+    assert client.call(CREATE, 1, create_body(b"g", os.O_WRONLY | os.O_CREAT), uid=A, gid=A).ok
+    assert "capset" in calls, "a user's creation raises the DAC capabilities again"
+    assert (os.lstat(root / "g").st_uid, os.lstat(root / "g").st_gid) == (A, A)
+    assert fs_ids(thread_status()) == (0, 0)
+
+
 def test_mode_is_taken_as_sent_without_host_umask(client: FuseClient, root: Path) -> None:
     old = os.umask(0o077)
     try:
