@@ -508,7 +508,13 @@ class FsDevice(VhostUserDeviceBase):
         out: dict[str, object] = {"pid": os.getpid(), "queues": queues}
         if self.fast is not None:
             fp = self.fast.stats()
-            out["fast_path"] = {"getattr": fp.getattr, "read": fp.read, "write": fp.write}
+            out["fast_path"] = {
+                "getattr": fp.getattr,
+                "read": fp.read,
+                "write": fp.write,
+                "lookup": fp.lookup,
+                "readdirplus": fp.readdirplus,
+            }
             out["busy_now"] = fp.busy_now
             out["busy_max"] = fp.busy_max
         return out

@@ -2,7 +2,8 @@
 
 :class:`FastPath` is the mirror of the passthrough filesystem's inode and
 handle tables that the queue runners (:meth:`VirtQueue.run`) read to serve
-GETATTR, READ and WRITE entirely in C.  The protocol, in full:
+GETATTR, READ, WRITE, LOOKUP of a known inode and READDIRPLUS of known
+inodes entirely in C.  The protocol, in full:
 
 * Python owns the tables.  When it creates an entry it *publishes* it
   (:meth:`FastPath.publish_inode`, :meth:`FastPath.publish_handle`); from then
@@ -43,6 +44,7 @@ class FastPathStats(NamedTuple):
     read: int
     write: int
     lookup: int
+    readdirplus: int
     busy_now: int
     busy_max: int
 
@@ -171,6 +173,7 @@ class FastPath:
             int(out.read),
             int(out.write),
             int(out.lookup),
+            int(out.readdirplus),
             int(out.busy_now),
             int(out.busy_max),
         )

@@ -223,7 +223,7 @@ void pvd_slowq_set_inline(struct pvd_slowq *q, uint64_t opcodes);
 
 struct pvd_fs_stats {
 	uint64_t inodes, handles;              /* entries published now */
-	uint64_t getattr, read, write, lookup; /* requests answered in place */
+	uint64_t getattr, read, write, lookup, readdirplus; /* requests answered in place */
 	uint32_t busy_now, busy_max;           /* queue runners serving at once: now / most */
 };
 

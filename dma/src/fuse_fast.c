@@ -33,6 +33,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/fsuid.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -46,6 +47,7 @@
 #define FUSE_GETATTR 3
 #define FUSE_READ 15
 #define FUSE_WRITE 16
+#define FUSE_READDIRPLUS 44
 #define FUSE_GETATTR_FH (1u << 0)
 #define FUSE_WRITE_KILL_SUIDGID (1u << 2)
 #define IN_HEADER_SIZE 40
@@ -61,6 +63,14 @@
 /* session.py MAX_BODY: larger bodies are refused by Python (with a log line) */
 #define MAX_BODY ((1u << 16) + 2 * 4096 + 256)
 #define OFFSET_MAX INT64_MAX
+#define ROOT_NODEID 1
+/* fuse_dirent: ino, off, namelen, type, then the name, padded to 8 */
+#define DIRENT_NAME_OFFSET 24
+/* linux_dirent64: d_ino, d_off, d_reclen, d_type, then d_name */
+#define DIRENT64_NAME_OFFSET 19
+/* getdents64 buffer of the READDIRPLUS fast path: 128 entries of short
+ * names; a page that needs more reads again from where it stopped */
+#define DIRENTS_BUF 4096
 
 #define SHARDS 16
 
@@ -107,7 +117,7 @@ struct pvd_fs {
 	int announce_submounts;
 	int python_writes;
 	/* statistics */
-	atomic_uint_fast64_t served[4]; /* GETATTR, READ, WRITE, LOOKUP */
+	atomic_uint_fast64_t served[5]; /* GETATTR, READ, WRITE, LOOKUP, READDIRPLUS */
 	atomic_int busy, busy_max;
 };
 
@@ -475,6 +485,7 @@ void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out)
 	out->read = atomic_load(&fs->served[1]);
 	out->write = atomic_load(&fs->served[2]);
 	out->lookup = atomic_load(&fs->served[3]);
+	out->readdirplus = atomic_load(&fs->served[4]);
 	out->busy_now = (uint32_t)atomic_load(&fs->busy);
 	out->busy_max = (uint32_t)atomic_load(&fs->busy_max);
 }
@@ -842,6 +853,199 @@ static int fast_lookup(struct pvd_fs *fs, const struct pvd_req *r, const struct 
 	return 1;
 }
 
+/* ------------------------------------------------------------ READDIRPLUS */
+
+static uint32_t rec_align(uint32_t n) { return (n + 7) & ~7u; }
+
+/*
+ * One fuse_direntplus at offset pos of the reply payload: the entry (all
+ * zero for "." and "..", which the kernel takes no reference on), then
+ * the fuse_dirent.  rec holds at most 128 + 24 + 255 + 7 bytes.
+ */
+static void put_direntplus(const struct pvd_req *r, uint32_t pos, const uint8_t *entry,
+			   uint64_t ino, uint64_t off, uint32_t dtype, const char *name,
+			   uint32_t namelen)
+{
+	uint8_t rec[ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + NAME_MAX_LEN + 8];
+	uint32_t n = rec_align(ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + namelen);
+	memset(rec, 0, n);
+	if (entry)
+		memcpy(rec, entry, ENTRY_OUT_SIZE);
+	uint8_t *d = rec + ENTRY_OUT_SIZE;
+	put64(d, ino);
+	put64(d + 8, off);
+	put32(d + 16, namelen);
+	put32(d + 20, dtype);
+	memcpy(d + DIRENT_NAME_OFFSET, name, namelen);
+	write_reply(r, OUT_HEADER_SIZE + pos, rec, n);
+}
+
+/*
+ * READDIRPLUS of a directory whose entries the guest already knows:
+ * filesystem.py readdirplus() / session.py _readdirplus(), for the case
+ * where every entry listed is an inode of the mirror.  The commonest
+ * listing in a guest: the kernel drops a directory's page cache on every
+ * change, and lists again what its dentries still hold.
+ *
+ * Python streams from the handle's own fd under the handle's lock (READDIRs
+ * of one handle move its position); this path cannot take that lock, so it
+ * reads through a description of its own (openat ".") with the same host
+ * cookies: lseek(offset) then getdents64, as Python does.  Each entry takes
+ * the reply room first (as _ReplyBudget), then is looked up with fstatat:
+ * no fd to open and close, because only an inode the mirror holds an fd on
+ * (so whose number cannot be reused) is answered, and credited as a lookup
+ * (credit_lookup) before the reply can reach the guest.  A name that
+ * vanished meanwhile is skipped, its room unused, as in Python.
+ *
+ * The first entry that is not such an inode (new, evicted, DT_UNKNOWN for
+ * "."/"..", an error other than ENOENT) ends the page there; the guest
+ * asks again from that entry's cookie and Python, finding it first, serves
+ * that page.  A page that would hold no entry looked up here goes to
+ * Python whole.
+ */
+static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
+			    const struct in_header *h, uint32_t *used)
+{
+	uint8_t in[READ_IN_SIZE];
+	if (h->len < IN_HEADER_SIZE + READ_IN_SIZE || r->wlen < OUT_HEADER_SIZE)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, in, sizeof(in));
+	uint64_t fh = get64(in), offset = get64(in + 8);
+	uint64_t room = get32(in + 16);
+	if (offset > (uint64_t)OFFSET_MAX)
+		return 0; /* EINVAL from Python */
+	if (room > r->wlen - OUT_HEADER_SIZE)
+		room = r->wlen - OUT_HEADER_SIZE;
+	struct entry *e = entry_get(fs, PVD_FS_HANDLES, fh);
+	if (!e)
+		return 0;
+	if (e->kind != PVD_KIND_DIR) {
+		entry_put(fs, PVD_FS_HANDLES, e);
+		return 0;
+	}
+	int dfd = openat(e->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	entry_put(fs, PVD_FS_HANDLES, e);
+	if (dfd < 0)
+		return 0;
+	struct stat dst;
+	int have_dst = 0; /* the directory's own stat: submounts, the root's ".." */
+	uint8_t entry[ENTRY_OUT_SIZE];
+	memset(entry, 0, sizeof(entry));
+	put64(entry + 16, fs->entry_valid);
+	put64(entry + 24, fs->attr_valid);
+	put32(entry + 32, fs->entry_valid_nsec);
+	put32(entry + 36, fs->attr_valid_nsec);
+	/* 8-aligned for linux_dirent64's d_ino/d_off */
+	_Alignas(8) char buf[DIRENTS_BUF];
+	uint64_t taken = 0; /* reply room taken, vanished entries' included */
+	uint32_t pos = 0, emitted = 0; /* bytes written, entries written */
+	uint32_t looked = 0;           /* of those, entries looked up (not "."/"..") */
+	int handed = 0; /* stopped at an entry only Python may answer */
+	int stop = 0;
+	while (!stop) {
+		if (lseek(dfd, (off_t)offset, SEEK_SET) < 0)
+			break;
+		ssize_t n = syscall(SYS_getdents64, dfd, buf, sizeof(buf));
+		if (n <= 0)
+			break; /* the end, or an error Python will meet again */
+		for (ssize_t at = 0; at < n && !stop;) {
+			uint64_t d_ino, d_off;
+			uint16_t reclen;
+			memcpy(&d_ino, buf + at, 8);
+			memcpy(&d_off, buf + at + 8, 8);
+			memcpy(&reclen, buf + at + 16, 2);
+			uint8_t d_type = (uint8_t)buf[at + 18];
+			const char *name = buf + at + DIRENT64_NAME_OFFSET;
+			uint32_t namelen = (uint32_t)strnlen(name, (size_t)(n - at) - DIRENT64_NAME_OFFSET);
+			if (reclen == 0 || namelen > NAME_MAX_LEN) {
+				stop = 1; /* not what a kernel writes */
+				break;
+			}
+			at += reclen;
+			uint32_t size = rec_align(ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + namelen);
+			if (size > room - taken) {
+				stop = 1; /* full */
+				break;
+			}
+			taken += size;
+			int dots = (namelen == 1 && name[0] == '.') ||
+				   (namelen == 2 && name[0] == '.' && name[1] == '.');
+			if (dots) {
+				if (d_type == DT_UNKNOWN) {
+					stop = handed = 1;
+					break;
+				}
+				if (namelen == 2) {
+					/* never reveal what lies above the share (_dir_stream) */
+					struct entry *root = entry_get(fs, PVD_FS_INODES, ROOT_NODEID);
+					if (!root) {
+						stop = handed = 1;
+						break;
+					}
+					uint64_t rdev = root->dev, rino = root->ino;
+					entry_put(fs, PVD_FS_INODES, root);
+					if (!have_dst && fstat(dfd, &dst) != 0) {
+						stop = handed = 1;
+						break;
+					}
+					have_dst = 1;
+					if ((uint64_t)dst.st_dev == rdev && (uint64_t)dst.st_ino == rino)
+						d_ino = rino;
+				}
+				put_direntplus(r, pos, NULL, d_ino, d_off, d_type, name, namelen);
+				pos += size;
+				emitted++;
+				offset = d_off;
+				continue;
+			}
+			struct stat st;
+			if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT) != 0) {
+				if (errno == ENOENT) {
+					offset = d_off; /* gone since listed: its room stays unused */
+					continue;
+				}
+				stop = handed = 1;
+				break;
+			}
+			uint32_t flags = 0;
+			if (fs->announce_submounts && S_ISDIR(st.st_mode)) {
+				if (!have_dst && fstat(dfd, &dst) != 0) {
+					stop = handed = 1;
+					break;
+				}
+				have_dst = 1;
+				if (st.st_dev != dst.st_dev)
+					flags = FUSE_ATTR_SUBMOUNT;
+			}
+			uint64_t nodeid = ident_find(fs, st.st_dev, st.st_ino);
+			if (!nodeid || !credit_lookup(fs, nodeid, st.st_dev, st.st_ino)) {
+				stop = handed = 1; /* a new inode: Python adds it, from this cookie on */
+				break;
+			}
+			put64(entry, nodeid);
+			encode_attr(entry + 40, &st);
+			put32(entry + 40 + 84, flags);
+			put_direntplus(r, pos, entry, st.st_ino, d_off, (st.st_mode & S_IFMT) >> 12,
+				       name, namelen);
+			pos += size;
+			emitted++;
+			looked++;
+			offset = d_off;
+		}
+	}
+	close(dfd);
+	/*
+	 * Nothing listed, or only "."/".." before an entry for Python (the first
+	 * page of a fresh listing): Python serves the whole page, rather than
+	 * the guest asking twice.
+	 */
+	if (!emitted || (handed && !looked))
+		return 0;
+	*used = reply_header(r, h->unique, 0, pos);
+	atomic_fetch_add_explicit(&fs->served[4], 1, memory_order_relaxed);
+	return 1;
+}
+
 int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used,
 		    uint32_t *opcode, uint64_t *unique)
 {
@@ -883,6 +1087,8 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 		return fast_read(fs, req, &h, used);
 	case FUSE_WRITE:
 		return fast_write(fs, req, &h, used);
+	case FUSE_READDIRPLUS:
+		return fast_readdirplus(fs, req, &h, used);
 	default:
 		return 0;
 	}

@@ -28,6 +28,7 @@ from tests.support.fakechain import (
     name_body,
     open_fds,
     parse_attr,
+    parse_dirents,
     parse_entry,
     read_body,
     release_body,
@@ -37,6 +38,7 @@ from tests.support.fakechain import (
 from tests.unit.test_device_frontend import GETATTR, INIT, LOOKUP, OPEN, READ, Rig, running_device
 
 WRITE, OPENDIR, RELEASE, FSYNC = 16, 27, 18, 20
+RELEASEDIR, READDIRPLUS, BATCH_FORGET = 29, 44, 42
 
 
 async def setup_file(rig: Rig, flags: int = os.O_RDWR) -> tuple[int, int]:
@@ -71,7 +73,7 @@ async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
         in_python = await rig.fuse(opcode, nodeid, body, writable)
     finally:
         fp.ready = True
-    served = slice(2, 6)  # getattr, read, write, lookup answered in place
+    served = slice(2, 7)  # getattr, read, write, lookup, readdirplus answered in place
     assert fp.stats()[served] == after[served]  # Python's answer did not come from C
     assert in_c == in_python
     in_place = sum(after[served]) - sum(before[served])
@@ -393,6 +395,105 @@ async def test_lookup_hits_are_answered_in_place_and_counted(tmp_path: Path) -> 
         err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
         assert err == 0 and parse_entry(payload).nodeid > nodeid
         assert fast(rig).stats().lookup == before
+
+
+async def test_readdirplus_of_known_inodes_is_answered_in_place(tmp_path: Path) -> None:
+    """READDIRPLUS in C: byte for byte Python's page once every entry is a
+    known inode, each entry counted as one lookup; a new entry ends the
+    page there and Python serves the rest; the root's ".." stays hidden."""
+    async with running_device(tmp_path) as rig:
+        d = rig.share / "d"
+        d.mkdir()
+        for i in range(60):
+            (d / f"entry-{i:02d}").write_bytes(b"x" * i)
+        (d / "sub").mkdir()
+        os.symlink("entry-01", d / "link")
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        err, payload = await rig.fuse(LOOKUP, 1, name_body(b"d"))
+        assert err == 0
+        dnode = parse_entry(payload).nodeid
+        err, payload = await rig.fuse(OPENDIR, dnode, struct.pack("<II", os.O_RDONLY, 0))
+        assert err == 0
+        dfh = struct.unpack_from("<Q", payload)[0]
+        fp, inodes = fast(rig), rig.devices[0].session.fs.inodes
+
+        async def listing(size: int = 4096) -> tuple[list, int]:
+            """Every page from offset 0; and how many the fast path answered."""
+            before, out, offset = fp.stats().readdirplus, [], 0
+            while True:
+                err, payload = await rig.fuse(READDIRPLUS, dnode, read_body(dfh, offset, size),
+                                              [16 + size])  # fmt: skip
+                assert err == 0
+                page = parse_dirents(payload, plus=True)
+                if not page:
+                    return out, fp.stats().readdirplus - before
+                out += page
+                offset = page[-1].off
+
+        # a fresh listing: every entry new, all of it Python's (no page of dots alone)
+        first, in_c = await listing()
+        assert in_c == 0 and len(first) == 64
+        names = sorted(e.name for e in first)
+        expected = [b".", b"..", b"sub", b"link"] + [b"entry-%02d" % i for i in range(60)]
+        assert names == sorted(expected)
+        # known now: each page in place, exactly as Python answers it
+        offset, pages = 0, 0
+        while True:
+            err, n = await both_ways(rig, READDIRPLUS, dnode, read_body(dfh, offset, 4096),
+                                     [16 + 4096])  # fmt: skip
+            assert err == 0
+            err, payload = await rig.fuse(READDIRPLUS, dnode, read_body(dfh, offset, 4096),
+                                          [16 + 4096])  # fmt: skip
+            page = parse_dirents(payload, plus=True)
+            if not page:
+                break
+            assert len(n) == 1, offset  # answered in place
+            pages += 1
+            offset = page[-1].off
+        assert pages >= 3  # 64 entries of ~160 bytes do not fit one 4 KiB page
+        again, in_c = await listing()
+        assert in_c == pages and [(e.name, e.off, e.ino) for e in again] == [
+            (e.name, e.off, e.ino) for e in first
+        ]
+        for e in again:
+            if e.name in (b".", b".."):
+                assert e.entry is not None and e.entry.nodeid == 0
+                continue
+            assert e.entry is not None and e.type == (e.entry.mode >> 12)
+            st = os.lstat(d / e.name.decode())
+            assert (e.entry.ino, e.entry.size, e.entry.mode) == (st.st_ino, st.st_size, st.st_mode)
+            # the first listing, both_ways (twice per page: C then Python,
+            # plus the page read back) and the last one
+            assert inodes.nlookup(e.entry.nodeid) == 5, e.name
+        # a new entry ends the fast page there; Python lists it and the rest
+        (d / "new-one").write_bytes(b"")
+        third, in_c = await listing()
+        assert sorted(e.name for e in third) == sorted([*names, b"new-one"])
+        assert len(third) == 65 and 1 <= in_c <= pages + 1
+        # FORGET every lookup: every inode goes, with its fd
+        fds = open_fds()
+        counts = {e.entry.nodeid: inodes.nlookup(e.entry.nodeid) for e in third
+                  if e.entry is not None and e.entry.nodeid}  # fmt: skip
+        assert len(counts) == 63
+        rig.unique += 1
+        items = b"".join(struct.pack("<QQ", node, n) for node, n in counts.items())
+        head = rig.q.add_chain([request(BATCH_FORGET, 0, struct.pack("<II", len(counts), 0) + items,
+                                        unique=rig.unique)], [])  # fmt: skip
+        assert await rig.submit() == [(head, 0)]
+        assert all(inodes.nlookup(node) == 0 for node in counts)
+        assert open_fds() == fds - 63
+        # the root's "..": its ino is the root's own, never what lies above the share
+        err, payload = await rig.fuse(OPENDIR, 1, struct.pack("<II", os.O_RDONLY, 0))
+        rfh = struct.unpack_from("<Q", payload)[0]
+        err, payload = await rig.fuse(LOOKUP, 1, name_body(b"file.bin"))
+        assert err == 0
+        err, payload = await rig.fuse(LOOKUP, 1, name_body(b"d"))
+        assert err == 0
+        err, n = await both_ways(rig, READDIRPLUS, 1, read_body(rfh, 0, 4096), [16 + 4096])
+        assert err == 0 and len(n) == 1
+        err, payload = await rig.fuse(READDIRPLUS, 1, read_body(rfh, 0, 4096), [16 + 4096])
+        dots = {e.name: e.ino for e in parse_dirents(payload, plus=True)}
+        assert dots[b".."] == dots[b"."] == os.stat(rig.share).st_ino
 
 
 async def test_device_reset_ends_a_lock_wait_at_once(tmp_path: Path) -> None:
