@@ -514,6 +514,7 @@ class FsDevice(VhostUserDeviceBase):
                 "write": fp.write,
                 "lookup": fp.lookup,
                 "readdirplus": fp.readdirplus,
+                "unlink": fp.unlink,
             }
             out["busy_now"] = fp.busy_now
             out["busy_max"] = fp.busy_max

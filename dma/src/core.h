@@ -191,6 +191,9 @@ int pvd_chain_complete_notify(struct pvd_vq *vq, struct pvd_chain *c, uint32_t u
 void pvd_chain_free(struct pvd_chain *c);
 /* The fuse_in_header opcode/unique pvd_vq_run read (0 if it did not), and the queue index. */
 void pvd_chain_request(struct pvd_chain *c, uint32_t *opcode, uint64_t *unique, uint32_t *queue);
+/* Both of the above in one call (Chain._wrap, once per request handed to
+ * Python): head, readable_len, writable_len, opcode, unique. */
+void pvd_chain_summary(struct pvd_chain *c, uint64_t out[5]);
 
 /* ---- chains waiting for a Python worker (virtqueue.c) ---- */
 struct pvd_slowq *pvd_slowq_new(void);
@@ -223,7 +226,7 @@ void pvd_slowq_set_inline(struct pvd_slowq *q, uint64_t opcodes);
 
 struct pvd_fs_stats {
 	uint64_t inodes, handles;              /* entries published now */
-	uint64_t getattr, read, write, lookup, readdirplus; /* requests answered in place */
+	uint64_t getattr, read, write, lookup, readdirplus, unlink; /* answered in place */
 	uint32_t busy_now, busy_max;           /* queue runners serving at once: now / most */
 };
 

@@ -17,7 +17,8 @@
  *
  * What is served here is exactly what the Python handlers would answer for
  * the same request (daemon/fuse/session.py + passthrough/filesystem.py):
- * GETATTR, READ and WRITE in their ordinary forms.  Anything else -- an
+ * GETATTR, READ and WRITE in their ordinary forms, LOOKUP and READDIRPLUS
+ * of inodes Python already holds, UNLINK and RMDIR.  Anything else -- an
  * unknown id, a wrong handle kind, a malformed or unusual request, the
  * session not initialised, a read-only share for WRITE, a kill-suid write
  * as root -- goes to Python untouched (return 0), which answers it and logs
@@ -45,6 +46,8 @@
 /* include/uapi/linux/fuse.h */
 #define FUSE_LOOKUP 1
 #define FUSE_GETATTR 3
+#define FUSE_UNLINK 10
+#define FUSE_RMDIR 11
 #define FUSE_READ 15
 #define FUSE_WRITE 16
 #define FUSE_READDIRPLUS 44
@@ -117,7 +120,7 @@ struct pvd_fs {
 	int announce_submounts;
 	int python_writes;
 	/* statistics */
-	atomic_uint_fast64_t served[5]; /* GETATTR, READ, WRITE, LOOKUP, READDIRPLUS */
+	atomic_uint_fast64_t served[6]; /* GETATTR, READ, WRITE, LOOKUP, READDIRPLUS, UNLINK+RMDIR */
 	atomic_int busy, busy_max;
 };
 
@@ -486,6 +489,7 @@ void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out)
 	out->write = atomic_load(&fs->served[2]);
 	out->lookup = atomic_load(&fs->served[3]);
 	out->readdirplus = atomic_load(&fs->served[4]);
+	out->unlink = atomic_load(&fs->served[5]);
 	out->busy_now = (uint32_t)atomic_load(&fs->busy);
 	out->busy_max = (uint32_t)atomic_load(&fs->busy_max);
 }
@@ -765,6 +769,48 @@ static int fast_write(struct pvd_fs *fs, const struct pvd_req *r, const struct i
 	return 1;
 }
 
+/*
+ * The request's body as one name (validate_name): exactly one NUL, at the
+ * end; not "", ".", ".." or containing '/'; at most NAME_MAX bytes.  0:
+ * Python judges it (EINVAL, ENAMETOOLONG and their log lines).
+ */
+static int read_name(const struct pvd_req *r, const struct in_header *h,
+		     char name[NAME_MAX_LEN + 2])
+{
+	uint64_t body = h->len - IN_HEADER_SIZE;
+	if (body < 2 || body > NAME_MAX_LEN + 1)
+		return 0;
+	read_part(r, IN_HEADER_SIZE, name, body);
+	if (name[body - 1] != 0 || memchr(name, 0, body - 1) || memchr(name, '/', body - 1))
+		return 0;
+	if ((body == 2 && name[0] == '.') || (body == 3 && name[0] == '.' && name[1] == '.'))
+		return 0;
+	return 1;
+}
+
+/*
+ * UNLINK and RMDIR: filesystem.py unlink() / rmdir(), as the daemon (the
+ * guest has checked the directory's permissions and sticky bit).  They
+ * change no table: the unlinked inode stays the guest's until it forgets
+ * it.  A read-only share goes to Python (EROFS).
+ */
+static int fast_unlink(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+		       uint32_t *used, int flags)
+{
+	char name[NAME_MAX_LEN + 2];
+	if (fs->readonly || r->wlen < OUT_HEADER_SIZE || !read_name(r, h, name))
+		return 0;
+	struct entry *parent = entry_get(fs, PVD_FS_INODES, h->nodeid);
+	if (!parent)
+		return 0;
+	int rc = unlinkat(parent->fd, name, flags);
+	int err = errno;
+	entry_put(fs, PVD_FS_INODES, parent);
+	*used = rc == 0 ? reply_header(r, h->unique, 0, 0) : reply_errno(r, h->unique, err);
+	atomic_fetch_add_explicit(&fs->served[5], 1, memory_order_relaxed);
+	return 1;
+}
+
 /* Credit one in-place lookup to nodeid if it is still live for (dev, ino). */
 static int credit_lookup(struct pvd_fs *fs, uint64_t nodeid, uint64_t dev, uint64_t ino)
 {
@@ -794,14 +840,7 @@ static int fast_lookup(struct pvd_fs *fs, const struct pvd_req *r, const struct 
 		       uint32_t *used)
 {
 	char name[NAME_MAX_LEN + 2];
-	uint64_t body = h->len - IN_HEADER_SIZE;
-	if (body < 2 || body > NAME_MAX_LEN + 1 || r->wlen < OUT_HEADER_SIZE + ENTRY_OUT_SIZE)
-		return 0;
-	read_part(r, IN_HEADER_SIZE, name, body);
-	/* exactly one NUL, at the end; not "", ".", ".." or containing '/' */
-	if (name[body - 1] != 0 || memchr(name, 0, body - 1) || memchr(name, '/', body - 1))
-		return 0;
-	if ((body == 2 && name[0] == '.') || (body == 3 && name[0] == '.' && name[1] == '.'))
+	if (r->wlen < OUT_HEADER_SIZE + ENTRY_OUT_SIZE || !read_name(r, h, name))
 		return 0;
 	struct entry *parent = entry_get(fs, PVD_FS_INODES, h->nodeid);
 	if (!parent)
@@ -1089,6 +1128,10 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 		return fast_write(fs, req, &h, used);
 	case FUSE_READDIRPLUS:
 		return fast_readdirplus(fs, req, &h, used);
+	case FUSE_UNLINK:
+		return fast_unlink(fs, req, &h, used, 0);
+	case FUSE_RMDIR:
+		return fast_unlink(fs, req, &h, used, AT_REMOVEDIR);
 	default:
 		return 0;
 	}

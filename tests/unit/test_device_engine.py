@@ -73,7 +73,7 @@ async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
         in_python = await rig.fuse(opcode, nodeid, body, writable)
     finally:
         fp.ready = True
-    served = slice(2, 7)  # getattr, read, write, lookup, readdirplus answered in place
+    served = slice(2, 8)  # getattr, read, write, lookup, readdirplus, unlink in place
     assert fp.stats()[served] == after[served]  # Python's answer did not come from C
     assert in_c == in_python
     in_place = sum(after[served]) - sum(before[served])
@@ -494,6 +494,41 @@ async def test_readdirplus_of_known_inodes_is_answered_in_place(tmp_path: Path) 
         err, payload = await rig.fuse(READDIRPLUS, 1, read_body(rfh, 0, 4096), [16 + 4096])
         dots = {e.name: e.ino for e in parse_dirents(payload, plus=True)}
         assert dots[b".."] == dots[b"."] == os.stat(rig.share).st_ino
+
+
+async def test_unlink_and_rmdir_are_answered_in_place(tmp_path: Path) -> None:
+    UNLINK, RMDIR = 10, 11
+    async with running_device(tmp_path) as rig:
+        for name in ("a", "b"):
+            (rig.share / name).write_bytes(b"")
+        (rig.share / "empty").mkdir()
+        (rig.share / "full").mkdir()
+        (rig.share / "full" / "x").write_bytes(b"")
+        assert (await rig.fuse(INIT, 0, init_body()))[0] == 0
+        fp = fast(rig)
+
+        async def in_place(opcode: int, nodeid: int, name: bytes) -> tuple[int, int]:
+            before = fp.stats().unlink
+            err, payload = await rig.fuse(opcode, nodeid, name_body(name), [16])
+            assert payload == b""
+            return err, fp.stats().unlink - before
+
+        assert await in_place(UNLINK, 1, b"a") == (0, 1)
+        assert not (rig.share / "a").exists()
+        assert await in_place(RMDIR, 1, b"empty") == (0, 1)
+        assert not (rig.share / "empty").exists()
+        # host errors, answered in place as Python answers them
+        errors = [(UNLINK, b"a", errno.ENOENT), (RMDIR, b"full", errno.ENOTEMPTY),
+                  (UNLINK, b"full", errno.EISDIR), (RMDIR, b"b", errno.ENOTDIR)]  # fmt: skip
+        for opcode, name, code in errors:
+            err, n = await both_ways(rig, opcode, 1, name_body(name), [16])
+            assert err == -code and len(n) == 1, name
+        # what only Python judges: "..", a slash, an unknown parent, no NUL
+        for node, body in [(1, name_body(b"..")), (1, name_body(b"b/x")), (999, name_body(b"b")),
+                           (1, b"b")]:  # fmt: skip
+            err, n = await both_ways(rig, UNLINK, node, body, [16])
+            assert err < 0 and len(n) == 0, body
+        assert (rig.share / "b").exists() and (rig.share / "full" / "x").exists()
 
 
 async def test_device_reset_ends_a_lock_wait_at_once(tmp_path: Path) -> None:
