@@ -298,22 +298,12 @@ class Chain:
     @classmethod
     def _wrap(cls, vq: VirtQueue, c: Any) -> Chain:
         self = object.__new__(cls)
-        head = ffi.new("uint32_t *")
-        rlen = ffi.new("uint64_t *")
-        wlen = ffi.new("uint64_t *")
-        lib.pvd_chain_info(c, head, rlen, wlen)
-        opcode = ffi.new("uint32_t *")
-        unique = ffi.new("uint64_t *")
-        queue = ffi.new("uint32_t *")
-        lib.pvd_chain_request(c, opcode, unique, queue)
-        self.opcode = int(opcode[0])
-        self.unique = int(unique[0])
+        out = ffi.new("uint64_t[5]")
+        lib.pvd_chain_summary(c, out)  # one call: this runs for every request Python serves
+        self.head, self.readable_len, self.writable_len, self.opcode, self.unique = out
         self._c = c
         self._vq = vq
         self._done = False
-        self.head = int(head[0])
-        self.readable_len = int(rlen[0])
-        self.writable_len = int(wlen[0])
         return self
 
     @staticmethod

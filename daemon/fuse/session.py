@@ -161,6 +161,19 @@ def _op(opcode: Opcode) -> Callable[[_Handler], _Handler]:
     return register
 
 
+#: Bytes of a request read at once (header, body, extensions): more than any
+#: body but WRITE's payload and the rare long SETXATTR value or RENAME names.
+_FIRST_READ = 1024
+
+
+def _part(chain: RequestChain, first: bytes, offset: int, length: int) -> bytes:
+    """``length`` bytes of the request at ``offset``: from ``first`` (its
+    first bytes, read already) when they are there, else from the chain."""
+    if offset + length <= len(first):
+        return first[offset : offset + length]
+    return chain.read(offset, length)
+
+
 def _name(body: bytes) -> bytes:
     """The body as exactly one NUL-terminated name."""
     if not body or body[-1] != 0:
@@ -268,7 +281,10 @@ class FuseSession:
         if readable < abi.IN_HEADER.size:
             logger.warning("request of %d bytes is shorter than fuse_in_header", readable)
             return self._send(chain, 0, -errno.EINVAL, b"")
-        hdr = abi.IN_HEADER.decode(chain.read(0, abi.IN_HEADER.size))
+        # One read for the header and, nearly always, the whole body: a
+        # request handed to Python costs a C call and a copy per read.
+        first = chain.read(0, min(readable, _FIRST_READ))
+        hdr = abi.IN_HEADER.decode(first)
         if not abi.IN_HEADER.size <= hdr.len <= readable:
             logger.warning(
                 "fuse_in_header.len %d inconsistent with %d readable bytes (opcode %d)",
@@ -285,7 +301,7 @@ class FuseSession:
             )
             ext_len = 0
         elif ext_len:
-            ext = chain.read(hdr.len - ext_len, ext_len)
+            ext = _part(chain, first, hdr.len - ext_len, ext_len)
             if len(ext) != ext_len:
                 logger.warning("chain returned %d of %d extension bytes", len(ext), ext_len)
                 return self._send(chain, hdr.unique, -errno.EIO, b"")
@@ -296,7 +312,7 @@ class FuseSession:
         elif body_len > MAX_BODY:
             logger.warning("request body of %d bytes (opcode %d) refused", body_len, hdr.opcode)
             return self._send(chain, hdr.unique, -errno.EINVAL, b"")
-        body = chain.read(abi.IN_HEADER.size, body_len) if body_len else b""
+        body = _part(chain, first, abi.IN_HEADER.size, body_len) if body_len else b""
         if len(body) != body_len:
             logger.warning("chain returned %d of %d body bytes", len(body), body_len)
             return self._send(chain, hdr.unique, -errno.EIO, b"")

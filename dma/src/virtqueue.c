@@ -1029,6 +1029,15 @@ void pvd_chain_request(struct pvd_chain *c, uint32_t *opcode, uint64_t *unique, 
 	*queue = c->vq->index;
 }
 
+void pvd_chain_summary(struct pvd_chain *c, uint64_t out[5])
+{
+	out[0] = c->head;
+	out[1] = c->rlen;
+	out[2] = c->wlen;
+	out[3] = c->opcode;
+	out[4] = c->unique;
+}
+
 /* -------------------------------------------------------------- slow queue */
 
 /*
