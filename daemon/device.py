@@ -515,6 +515,7 @@ class FsDevice(VhostUserDeviceBase):
                 "lookup": fp.lookup,
                 "readdirplus": fp.readdirplus,
                 "unlink": fp.unlink,
+                "readdir": fp.readdir,
             }
             out["busy_now"] = fp.busy_now
             out["busy_max"] = fp.busy_max

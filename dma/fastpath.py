@@ -2,8 +2,8 @@
 
 :class:`FastPath` is the mirror of the passthrough filesystem's inode and
 handle tables that the queue runners (:meth:`VirtQueue.run`) read to serve
-GETATTR, READ, WRITE, LOOKUP of a known inode, READDIRPLUS of known inodes,
-UNLINK and RMDIR entirely in C.  The protocol, in full:
+GETATTR, READ, WRITE, LOOKUP of a known inode, READDIR, READDIRPLUS of known
+inodes, UNLINK and RMDIR entirely in C.  The protocol, in full:
 
 * Python owns the tables.  When it creates an entry it *publishes* it
   (:meth:`FastPath.publish_inode`, :meth:`FastPath.publish_handle`); from then
@@ -46,6 +46,7 @@ class FastPathStats(NamedTuple):
     lookup: int
     readdirplus: int
     unlink: int  #: UNLINK and RMDIR
+    readdir: int
     busy_now: int
     busy_max: int
 
@@ -176,6 +177,7 @@ class FastPath:
             int(out.lookup),
             int(out.readdirplus),
             int(out.unlink),
+            int(out.readdir),
             int(out.busy_now),
             int(out.busy_max),
         )

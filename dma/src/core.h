@@ -226,7 +226,7 @@ void pvd_slowq_set_inline(struct pvd_slowq *q, uint64_t opcodes);
 
 struct pvd_fs_stats {
 	uint64_t inodes, handles;              /* entries published now */
-	uint64_t getattr, read, write, lookup, readdirplus, unlink; /* answered in place */
+	uint64_t getattr, read, write, lookup, readdirplus, unlink, readdir; /* in place */
 	uint32_t busy_now, busy_max;           /* queue runners serving at once: now / most */
 };
 

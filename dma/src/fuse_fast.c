@@ -50,6 +50,7 @@
 #define FUSE_RMDIR 11
 #define FUSE_READ 15
 #define FUSE_WRITE 16
+#define FUSE_READDIR 28
 #define FUSE_READDIRPLUS 44
 #define FUSE_GETATTR_FH (1u << 0)
 #define FUSE_WRITE_KILL_SUIDGID (1u << 2)
@@ -120,7 +121,8 @@ struct pvd_fs {
 	int announce_submounts;
 	int python_writes;
 	/* statistics */
-	atomic_uint_fast64_t served[6]; /* GETATTR, READ, WRITE, LOOKUP, READDIRPLUS, UNLINK+RMDIR */
+	/* GETATTR, READ, WRITE, LOOKUP, READDIRPLUS, UNLINK+RMDIR, READDIR */
+	atomic_uint_fast64_t served[7];
 	atomic_int busy, busy_max;
 };
 
@@ -490,6 +492,7 @@ void pvd_fs_stats(struct pvd_fs *fs, struct pvd_fs_stats *out)
 	out->lookup = atomic_load(&fs->served[3]);
 	out->readdirplus = atomic_load(&fs->served[4]);
 	out->unlink = atomic_load(&fs->served[5]);
+	out->readdir = atomic_load(&fs->served[6]);
 	out->busy_now = (uint32_t)atomic_load(&fs->busy);
 	out->busy_max = (uint32_t)atomic_load(&fs->busy_max);
 }
@@ -897,20 +900,28 @@ static int fast_lookup(struct pvd_fs *fs, const struct pvd_req *r, const struct 
 static uint32_t rec_align(uint32_t n) { return (n + 7) & ~7u; }
 
 /*
- * One fuse_direntplus at offset pos of the reply payload: the entry (all
- * zero for "." and "..", which the kernel takes no reference on), then
- * the fuse_dirent.  rec holds at most 128 + 24 + 255 + 7 bytes.
+ * One fuse_dirent, or with plus a fuse_direntplus (the entry all zero for
+ * "." and "..", which the kernel takes no reference on), at offset pos of
+ * the reply payload.  rec holds at most 128 + 24 + 255 + 7 bytes.
  */
-static void put_direntplus(const struct pvd_req *r, uint32_t pos, const uint8_t *entry,
-			   uint64_t ino, uint64_t off, uint32_t dtype, const char *name,
-			   uint32_t namelen)
+static uint32_t dirent_size(int plus, uint32_t namelen)
+{
+	return rec_align((plus ? ENTRY_OUT_SIZE : 0) + DIRENT_NAME_OFFSET + namelen);
+}
+
+static void put_dirent(const struct pvd_req *r, uint32_t pos, int plus, const uint8_t *entry,
+		       uint64_t ino, uint64_t off, uint32_t dtype, const char *name,
+		       uint32_t namelen)
 {
 	uint8_t rec[ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + NAME_MAX_LEN + 8];
-	uint32_t n = rec_align(ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + namelen);
+	uint32_t n = dirent_size(plus, namelen);
 	memset(rec, 0, n);
-	if (entry)
-		memcpy(rec, entry, ENTRY_OUT_SIZE);
-	uint8_t *d = rec + ENTRY_OUT_SIZE;
+	uint8_t *d = rec;
+	if (plus) {
+		if (entry)
+			memcpy(rec, entry, ENTRY_OUT_SIZE);
+		d += ENTRY_OUT_SIZE;
+	}
 	put64(d, ino);
 	put64(d + 8, off);
 	put32(d + 16, namelen);
@@ -936,14 +947,18 @@ static void put_direntplus(const struct pvd_req *r, uint32_t pos, const uint8_t 
  * (credit_lookup) before the reply can reach the guest.  A name that
  * vanished meanwhile is skipped, its room unused, as in Python.
  *
+ * READDIR (plus 0) is the same walk without the lookups: the host's d_ino
+ * and d_type (DT_UNKNOWN resolved with fstatat, as read_dirents does), so
+ * every page of it is served here.
+ *
  * The first entry that is not such an inode (new, evicted, DT_UNKNOWN for
  * "."/"..", an error other than ENOENT) ends the page there; the guest
  * asks again from that entry's cookie and Python, finding it first, serves
  * that page.  A page that would hold no entry looked up here goes to
  * Python whole.
  */
-static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
-			    const struct in_header *h, uint32_t *used)
+static int fast_readdir(struct pvd_fs *fs, const struct pvd_req *r, const struct in_header *h,
+			uint32_t *used, int plus)
 {
 	uint8_t in[READ_IN_SIZE];
 	if (h->len < IN_HEADER_SIZE + READ_IN_SIZE || r->wlen < OUT_HEADER_SIZE)
@@ -1001,7 +1016,7 @@ static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
 				break;
 			}
 			at += reclen;
-			uint32_t size = rec_align(ENTRY_OUT_SIZE + DIRENT_NAME_OFFSET + namelen);
+			uint32_t size = dirent_size(plus, namelen);
 			if (size > room - taken) {
 				stop = 1; /* full */
 				break;
@@ -1031,13 +1046,25 @@ static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
 					if ((uint64_t)dst.st_dev == rdev && (uint64_t)dst.st_ino == rino)
 						d_ino = rino;
 				}
-				put_direntplus(r, pos, NULL, d_ino, d_off, d_type, name, namelen);
+				put_dirent(r, pos, plus, NULL, d_ino, d_off, d_type, name, namelen);
 				pos += size;
 				emitted++;
 				offset = d_off;
 				continue;
 			}
 			struct stat st;
+			if (!plus) {
+				/* READDIR: the host's d_type; DT_UNKNOWN resolved as read_dirents does */
+				if (d_type == DT_UNKNOWN)
+					d_type = fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0
+							 ? (uint8_t)((st.st_mode & S_IFMT) >> 12)
+							 : DT_UNKNOWN;
+				put_dirent(r, pos, 0, NULL, d_ino, d_off, d_type, name, namelen);
+				pos += size;
+				emitted++;
+				offset = d_off;
+				continue;
+			}
 			if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT) != 0) {
 				if (errno == ENOENT) {
 					offset = d_off; /* gone since listed: its room stays unused */
@@ -1064,8 +1091,8 @@ static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
 			put64(entry, nodeid);
 			encode_attr(entry + 40, &st);
 			put32(entry + 40 + 84, flags);
-			put_direntplus(r, pos, entry, st.st_ino, d_off, (st.st_mode & S_IFMT) >> 12,
-				       name, namelen);
+			put_dirent(r, pos, 1, entry, st.st_ino, d_off, (st.st_mode & S_IFMT) >> 12, name,
+				   namelen);
 			pos += size;
 			emitted++;
 			looked++;
@@ -1081,7 +1108,7 @@ static int fast_readdirplus(struct pvd_fs *fs, const struct pvd_req *r,
 	if (!emitted || (handed && !looked))
 		return 0;
 	*used = reply_header(r, h->unique, 0, pos);
-	atomic_fetch_add_explicit(&fs->served[4], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&fs->served[plus ? 4 : 6], 1, memory_order_relaxed);
 	return 1;
 }
 
@@ -1126,8 +1153,10 @@ int pvd_fast_handle(struct pvd_fs *fs, const struct pvd_req *req, uint32_t *used
 		return fast_read(fs, req, &h, used);
 	case FUSE_WRITE:
 		return fast_write(fs, req, &h, used);
+	case FUSE_READDIR:
+		return fast_readdir(fs, req, &h, used, 0);
 	case FUSE_READDIRPLUS:
-		return fast_readdirplus(fs, req, &h, used);
+		return fast_readdir(fs, req, &h, used, 1);
 	case FUSE_UNLINK:
 		return fast_unlink(fs, req, &h, used, 0);
 	case FUSE_RMDIR:

@@ -38,7 +38,7 @@ from tests.support.fakechain import (
 from tests.unit.test_device_frontend import GETATTR, INIT, LOOKUP, OPEN, READ, Rig, running_device
 
 WRITE, OPENDIR, RELEASE, FSYNC = 16, 27, 18, 20
-RELEASEDIR, READDIRPLUS, BATCH_FORGET = 29, 44, 42
+READDIR, RELEASEDIR, READDIRPLUS, BATCH_FORGET = 28, 29, 44, 42
 
 
 async def setup_file(rig: Rig, flags: int = os.O_RDWR) -> tuple[int, int]:
@@ -73,7 +73,7 @@ async def both_ways(rig: Rig, opcode: int, nodeid: int, body: bytes,
         in_python = await rig.fuse(opcode, nodeid, body, writable)
     finally:
         fp.ready = True
-    served = slice(2, 8)  # getattr, read, write, lookup, readdirplus, unlink in place
+    served = slice(2, 9)  # getattr .. readdir: the requests answered in place
     assert fp.stats()[served] == after[served]  # Python's answer did not come from C
     assert in_c == in_python
     in_place = sum(after[served]) - sum(before[served])
@@ -400,7 +400,8 @@ async def test_lookup_hits_are_answered_in_place_and_counted(tmp_path: Path) -> 
 async def test_readdirplus_of_known_inodes_is_answered_in_place(tmp_path: Path) -> None:
     """READDIRPLUS in C: byte for byte Python's page once every entry is a
     known inode, each entry counted as one lookup; a new entry ends the
-    page there and Python serves the rest; the root's ".." stays hidden."""
+    page there and Python serves the rest; the root's ".." stays hidden.
+    READDIR in C: every page, byte for byte Python's."""
     async with running_device(tmp_path) as rig:
         d = rig.share / "d"
         d.mkdir()
@@ -482,6 +483,18 @@ async def test_readdirplus_of_known_inodes_is_answered_in_place(tmp_path: Path) 
         assert await rig.submit() == [(head, 0)]
         assert all(inodes.nlookup(node) == 0 for node in counts)
         assert open_fds() == fds - 63
+        # READDIR (no lookups): every page in place, as Python's
+        offset, pages = 0, 0
+        while True:
+            err, n = await both_ways(rig, READDIR, dnode, read_body(dfh, offset, 1024), [1040])
+            assert err == 0
+            err, payload = await rig.fuse(READDIR, dnode, read_body(dfh, offset, 1024), [1040])
+            page = parse_dirents(payload)
+            if not page:
+                break
+            assert len(n) == 1, offset
+            pages, offset = pages + 1, page[-1].off
+        assert pages >= 2
         # the root's "..": its ino is the root's own, never what lies above the share
         err, payload = await rig.fuse(OPENDIR, 1, struct.pack("<II", os.O_RDONLY, 0))
         rfh = struct.unpack_from("<Q", payload)[0]
@@ -493,6 +506,11 @@ async def test_readdirplus_of_known_inodes_is_answered_in_place(tmp_path: Path) 
         assert err == 0 and len(n) == 1
         err, payload = await rig.fuse(READDIRPLUS, 1, read_body(rfh, 0, 4096), [16 + 4096])
         dots = {e.name: e.ino for e in parse_dirents(payload, plus=True)}
+        assert dots[b".."] == dots[b"."] == os.stat(rig.share).st_ino
+        err, n = await both_ways(rig, READDIR, 1, read_body(rfh, 0, 4096), [16 + 4096])
+        assert err == 0 and len(n) == 1
+        err, payload = await rig.fuse(READDIR, 1, read_body(rfh, 0, 4096), [16 + 4096])
+        dots = {e.name: e.ino for e in parse_dirents(payload)}
         assert dots[b".."] == dots[b"."] == os.stat(rig.share).st_ino
 
 
