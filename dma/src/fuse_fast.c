@@ -995,13 +995,16 @@ static int fast_readdir(struct pvd_fs *fs, const struct pvd_req *r, const struct
 	uint32_t pos = 0, emitted = 0; /* bytes written, entries written */
 	uint32_t looked = 0;           /* of those, entries looked up (not "."/"..") */
 	int handed = 0; /* stopped at an entry only Python may answer */
+	int eof = 0;    /* getdents64 said the directory ends here */
 	int stop = 0;
 	while (!stop) {
 		if (lseek(dfd, (off_t)offset, SEEK_SET) < 0)
 			break;
 		ssize_t n = syscall(SYS_getdents64, dfd, buf, sizeof(buf));
-		if (n <= 0)
-			break; /* the end, or an error Python will meet again */
+		if (n <= 0) {
+			eof = n == 0; /* else an error Python will meet again */
+			break;
+		}
 		for (ssize_t at = 0; at < n && !stop;) {
 			uint64_t d_ino, d_off;
 			uint16_t reclen;
@@ -1101,11 +1104,12 @@ static int fast_readdir(struct pvd_fs *fs, const struct pvd_req *r, const struct
 	}
 	close(dfd);
 	/*
-	 * Nothing listed, or only "."/".." before an entry for Python (the first
-	 * page of a fresh listing): Python serves the whole page, rather than
-	 * the guest asking twice.
+	 * Nothing listed but not the end (an error), or only "."/".." before an
+	 * entry for Python (the first page of a fresh listing): Python serves
+	 * the whole page, rather than the guest asking twice.  The end of the
+	 * directory is an empty page, as Python's (every listing ends so).
 	 */
-	if (!emitted || (handed && !looked))
+	if ((!emitted && !eof) || (handed && !looked))
 		return 0;
 	*used = reply_header(r, h->unique, 0, pos);
 	atomic_fetch_add_explicit(&fs->served[plus ? 4 : 6], 1, memory_order_relaxed);
